@@ -1,0 +1,64 @@
+"""eomlib: the equation of motion (EoM) of gradient descent, computed.
+
+Gradient descent (GD) takes steps ``params - lr * g``; gradient flow (GF) is the
+limit ``d params/dt = -g`` as ``lr -> 0``. The EoM ``d params/dt = -g - lr * xi``
+adds the counter term ``xi = xi_1 + lr xi_2 + ...`` so that its solution passes
+through the GD iterates at ``t = k * lr``.
+
+The public names below are a contract: the book's chapters and readers' own code
+build on them.
+"""
+
+from eomlib.counter_terms import counter_terms
+from eomlib.data import DATASETS, Dataset, load_dataset
+from eomlib.derivatives import grad, grad_and_hvp, hvp, top_eigenvalue
+from eomlib.figures import savefig, use_style
+from eomlib.flows import (
+    Comparison,
+    DivergenceError,
+    compare_with_gd,
+    distance,
+    eom_field,
+    eom_trajectory,
+    gd_trajectory,
+    integrate,
+)
+from eomlib.models import (
+    MODELS,
+    Problem,
+    initial_params,
+    make_loss,
+    make_model,
+    make_problem,
+)
+from eomlib.parameters import check_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "Dataset",
+    "Comparison",
+    "DivergenceError",
+    "Problem",
+    "check_parameters",
+    "compare_with_gd",
+    "counter_terms",
+    "distance",
+    "eom_field",
+    "eom_trajectory",
+    "gd_trajectory",
+    "grad",
+    "grad_and_hvp",
+    "hvp",
+    "initial_params",
+    "integrate",
+    "load_dataset",
+    "make_loss",
+    "make_model",
+    "make_problem",
+    "savefig",
+    "top_eigenvalue",
+    "use_style",
+]

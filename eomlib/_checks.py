@@ -1,0 +1,76 @@
+"""Input checks shared by the public functions and the notebook runner.
+
+Each check raises before any long computation starts, and its message names the
+parameter, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_lr(lr, name: str = "lr") -> float:
+    """A learning rate: a finite real number greater than zero."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number; got {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{name} must be positive and finite; got {name}={lr!r}")
+    return float(lr)
+
+
+def check_lrs(lrs, name: str = "lrs") -> list[float]:
+    """A non-empty list of learning rates."""
+    if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Iterable):
+        raise TypeError(f"{name} must be a list of positive numbers; got {lrs!r}")
+    lrs = list(lrs)
+    if not lrs:
+        raise ValueError(f"{name} must hold at least one learning rate; got []")
+    return [check_lr(lr, f"{name}[{i}]") for i, lr in enumerate(lrs)]
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """An integer no smaller than ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {name}={value}")
+    return int(value)
+
+
+def check_choice(value, name: str, allowed: Iterable[str]) -> str:
+    """One of a fixed set of names."""
+    allowed = sorted(allowed)
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """``'float32'``/``'float64'`` or a floating torch dtype, as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point; got dtype={dtype}")
+        return dtype
+    return DTYPES[check_choice(dtype, "dtype", DTYPES)]
+
+
+def resolve_device(device) -> torch.device:
+    """``'auto'`` (CUDA when present, else CPU), ``'cpu'`` or ``'cuda'``."""
+    if isinstance(device, torch.device):
+        device = device.type
+    check_choice(device, "device", DEVICES)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' was asked for but this machine has no CUDA GPU visible to "
+            "torch; allowed here: 'auto' or 'cpu'"
+        )
+    return torch.device(device)

@@ -1,0 +1,170 @@
+"""Fields, gradient-descent trajectories and their integration in time.
+
+A field maps ``params`` to ``d params/dt``. Gradient flow (GF) is ``-g``; the EoM
+truncated at ``order`` K is ``-g - sum_{k=1..K} lr^k xi_k``. GD iterates are compared
+with a flow at the times ``t = k * lr``, where the EoM is built to meet them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchdiffeq
+from tqdm import tqdm
+
+from eomlib import _tree
+from eomlib._checks import check_int, check_lr
+from eomlib._tree import Tree
+from eomlib.counter_terms import check_order, counter_terms_and_grad
+from eomlib.derivatives import Loss, grad
+
+log = logging.getLogger(__name__)
+
+Field = Callable[[Tree], Tree]
+
+
+class DivergenceError(FloatingPointError):
+    """GD produced a non-finite value; the message names the step and learning rate."""
+
+
+def eom_field(loss: Loss, lr: float, order: int) -> Field:
+    """The EoM field ``params -> -g - sum_{k=1..order} lr^k xi_k``.
+
+    ``order=0`` is gradient flow, ``-g``, whatever ``lr``. The arguments are checked
+    here, before any derivative is taken.
+    """
+    lr = check_lr(lr)
+    check_order(order)
+
+    if order == 0:
+        return lambda params: _tree.scale(-1.0, grad(loss, params))
+
+    def field(params: Tree) -> Tree:
+        g, xis = counter_terms_and_grad(loss, params, order)
+        correction = xis[-1]
+        for xi in reversed(xis[:-1]):  # Horner: xi_1 + lr (xi_2 + lr (...))
+            correction = _tree.axpy(lr, correction, xi)
+        return _tree.scale(-1.0, _tree.axpy(lr, correction, g))
+
+    return field
+
+
+def gd_trajectory(
+    loss: Loss, params: Tree, lr: float, num_steps: int, *, progress: bool = False
+) -> Tree:
+    """The GD iterates ``params_{k+1} = params_k - lr g(params_k)``, k = 0..num_steps.
+
+    Returns the iterates stacked along a new leading axis, in the structure of
+    ``params``. Raises :class:`DivergenceError` at the first non-finite iterate.
+    """
+    lr = check_lr(lr)
+    check_int(num_steps, "num_steps")
+    iterates = [params]
+    for step in tqdm(range(num_steps), desc=f"GD lr={lr:g}", disable=not progress):
+        params = _tree.axpy(-lr, grad(loss, params), params)
+        if not torch.isfinite(_tree.flatten(params)).all():
+            raise DivergenceError(
+                f"GD diverged at step {step + 1} with lr={lr:g}: the parameters are "
+                "no longer finite; use a smaller learning rate"
+            )
+        iterates.append(params)
+    return _tree.tree_map(lambda *leaves: torch.stack(leaves), *iterates)
+
+
+def integrate(
+    field: Field,
+    params: Tree,
+    times: torch.Tensor,
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+) -> Tree:
+    """Solve ``d params/dt = field(params)`` from ``params`` at ``times[0]``.
+
+    The solver is torchdiffeq's ``odeint`` on the flattened parameters. Returns the
+    solution at each of ``times``, stacked along a new leading axis, in the structure
+    of ``params``.
+    """
+    flat = _tree.flatten(params)
+    times = torch.as_tensor(times, dtype=flat.dtype, device=flat.device)
+
+    def rhs(t, y):
+        return _tree.flatten(field(_tree.unflatten(y, params)))
+
+    start = time.perf_counter()
+    solution = torchdiffeq.odeint(rhs, flat, times, method=method, rtol=rtol, atol=atol)
+    log.info(
+        "integrated to t=%g with %s in %.2f s",
+        times[-1].item(),
+        method,
+        time.perf_counter() - start,
+    )
+    return _tree.unflatten_batch(solution, params)
+
+
+def eom_trajectory(
+    loss: Loss, params: Tree, lr: float, num_steps: int, order: int, **solver
+) -> Tree:
+    """The EoM of ``order`` integrated from ``params``, sampled at ``t = k * lr``.
+
+    ``order=0`` is gradient flow. ``solver`` goes to :func:`integrate`.
+    """
+    field = eom_field(loss, lr, order)
+    check_int(num_steps, "num_steps")
+    first = _tree.leaves(params)[0]
+    times = lr * torch.arange(num_steps + 1, dtype=first.dtype, device=first.device)
+    return integrate(field, params, times, **solver)
+
+
+def distance(trajectory: Tree, other: Tree) -> torch.Tensor:
+    """The Euclidean distance between two trajectories at each of their times."""
+    a = torch.cat([x.flatten(1) for x in _tree.leaves(trajectory)], dim=1)
+    b = torch.cat([x.flatten(1) for x in _tree.leaves(other)], dim=1)
+    return torch.linalg.vector_norm(a - b, dim=1)
+
+
+@dataclass
+class Comparison:
+    """GD at one learning rate against flows of several orders from the same start.
+
+    Attributes:
+        lr: the learning rate.
+        gd: the GD iterates, stacked along a leading axis (``num_steps + 1``).
+        distances: for each order (0 is GF), ``|flow(k lr) - params_k|`` for each k.
+    """
+
+    lr: float
+    gd: Tree
+    distances: dict[int, torch.Tensor]
+
+    def final_params(self) -> Tree:
+        return _tree.tree_map(lambda x: x[-1], self.gd)
+
+
+def compare_with_gd(
+    loss: Loss,
+    params: Tree,
+    lr: float,
+    num_steps: int,
+    orders: tuple[int, ...] = (0, 1),
+    **solver,
+) -> Comparison:
+    """Run GD and integrate the EoM of each order; measure their distance per step.
+
+    Every order is checked before GD starts. ``solver`` goes to :func:`integrate`.
+    """
+    for order in orders:
+        check_order(order)
+    gd = gd_trajectory(loss, params, lr, num_steps)
+    distances = {
+        order: distance(
+            eom_trajectory(loss, params, lr, num_steps, order, **solver), gd
+        )
+        for order in orders
+    }
+    return Comparison(lr=lr, gd=gd, distances=distances)

@@ -1,0 +1,44 @@
+"""Checks of the notebook parameters that the book's chapters share.
+
+The runner applies them to every parameter set before papermill starts, and each
+notebook applies them again in its first cell, so a bad value stops the run at once
+with a message naming the parameter, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from eomlib import _checks
+from eomlib.data import DATASETS
+from eomlib.models import ACTIVATIONS, MODELS
+
+PROFILES = ("quick", "full")
+
+CHECKS = {
+    "lr": _checks.check_lr,
+    "lrs": _checks.check_lrs,
+    "num_steps": lambda v: _checks.check_int(v, "num_steps", minimum=1),
+    "num_samples": lambda v: v if v is None else _checks.check_int(v, "num_samples", 1),
+    "seed": lambda v: _checks.check_int(v, "seed"),
+    "device": _checks.resolve_device,
+    "dtype": _checks.resolve_dtype,
+    "dataset": lambda v: _checks.check_choice(v, "dataset", DATASETS),
+    "model": lambda v: _checks.check_choice(v, "model", MODELS),
+    "activation": lambda v: _checks.check_choice(v, "activation", ACTIVATIONS),
+    "hidden": lambda v: [_checks.check_int(w, "hidden width", 1) for w in v],
+    "profile": lambda v: _checks.check_choice(v, "profile", PROFILES),
+}
+
+
+def check_parameters(**parameters) -> dict:
+    """Check each named parameter that has a rule; return them unchanged.
+
+    Example:
+        >>> check_parameters(lrs=[0.1, -0.2])
+        Traceback (most recent call last):
+        ...
+        ValueError: lrs[1] must be positive and finite; got lrs[1]=-0.2
+    """
+    for name, value in parameters.items():
+        if name in CHECKS:
+            CHECKS[name](value)
+    return parameters

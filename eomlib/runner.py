@@ -1,0 +1,298 @@
+"""Execute the book's notebooks with a parameter profile, then render the book.
+
+    python -m eomlib.runner                      # every notebook, quick profile, HTML
+    python -m eomlib.runner --profile full       # the GPU-sized parameters
+    python -m eomlib.runner --notebook gd_gf_eom_digits -p lrs "[0.05, 0.1]" --no-build
+
+Each notebook under ``notebooks/`` is a MyST markdown file (jupytext) with a cell
+tagged ``parameters`` and, in its front matter, the named profiles::
+
+    eomlib:
+      profiles:
+        quick: {num_steps: 100}
+        full: {num_steps: 2000, device: cuda}
+
+A run takes the parameters cell's defaults, then the profile, then ``-p`` overrides;
+it checks every name, type and value before any notebook starts. papermill executes
+each notebook into ``executed/NAME.ipynb`` (where the book reads it) and Jupyter Book
+renders HTML into ``_build/html`` without executing anything again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import papermill
+from papermill.exceptions import PapermillExecutionError
+
+from eomlib.parameters import PROFILES, check_parameters
+
+log = logging.getLogger("eomlib.runner")
+
+KERNEL_NAME = "eomlib"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start, or a notebook that failed; the message says which."""
+
+
+def notebook_names(root: Path) -> list[str]:
+    """The notebooks of the book under ``root/notebooks``, by file stem."""
+    return sorted(path.stem for path in (root / "notebooks").glob("*.md"))
+
+
+def read_notebook(root: Path, name: str) -> nbformat.NotebookNode:
+    path = root / "notebooks" / f"{name}.md"
+    if not path.exists():
+        known = ", ".join(notebook_names(root)) or "none"
+        raise RunError(f"unknown notebook {name!r}; notebooks here: {known}")
+    return jupytext.read(path)
+
+
+def declared_parameters(notebook: nbformat.NotebookNode, name: str) -> dict:
+    """The defaults of the cell tagged ``parameters``, as Python values."""
+    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise RunError(
+            f"notebook {name!r} must have exactly one cell tagged 'parameters'"
+        )
+    defaults = {}
+    for statement in ast.parse(cells[0].source).body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target = statement.target
+        else:
+            raise RunError(
+                f"notebook {name!r}: its parameters cell may only assign values"
+            )
+        defaults[target.id] = ast.literal_eval(statement.value)
+    return defaults
+
+
+def resolve_parameters(
+    notebook: nbformat.NotebookNode, name: str, profile: str, overrides: dict
+) -> dict:
+    """Defaults, then the profile, then ``overrides``; every value checked."""
+    if profile not in PROFILES:
+        raise RunError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    defaults = declared_parameters(notebook, name)
+    profiles = notebook.metadata.get("eomlib", {}).get("profiles", {})
+    if profile not in profiles:
+        raise RunError(f"notebook {name!r} declares no {profile!r} profile")
+
+    parameters = dict(defaults)
+    for source, values in (
+        (f"profile {profile!r}", profiles[profile]),
+        ("-p", overrides),
+    ):
+        for key, value in values.items():
+            _check_type(name, source, key, value, defaults)
+            parameters[key] = value
+    parameters["profile"] = profile
+
+    try:
+        check_parameters(**parameters)
+    except (TypeError, ValueError) as error:
+        raise RunError(f"notebook {name!r}: bad parameter: {error}") from error
+    return parameters
+
+
+def _check_type(name: str, source: str, key: str, value, defaults: dict) -> None:
+    if key not in defaults:
+        raise RunError(
+            f"notebook {name!r} has no parameter {key!r} (from {source}); its "
+            f"parameters are: {', '.join(defaults)}"
+        )
+    default = defaults[key]
+    expected = float if isinstance(default, float) else type(default)
+    ok = default is None or value is None or isinstance(value, expected)
+    if isinstance(value, bool) != isinstance(default, bool) and default is not None:
+        ok = False
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise RunError(
+            f"notebook {name!r}: parameter {key!r} (from {source}) must be of type "
+            f"{expected.__name__} like its default {default!r}; got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+
+def parse_value(text: str):
+    """A command-line value: a Python literal (``1e-3``, ``[0.1, 0.2]``, ``None``),
+    or else the text itself as a string (``cuda``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) -> Path:
+    """Run one notebook with papermill into ``root/executed/NAME.ipynb``."""
+    notebook = read_notebook(root, name)
+    notebook.metadata["kernelspec"] = {
+        "name": KERNEL_NAME,
+        "display_name": "Python 3 (eomlib)",
+        "language": "python",
+    }
+    output = root / "executed" / f"{name}.ipynb"
+    output.parent.mkdir(exist_ok=True)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch, _kernelspec():
+        source = Path(scratch) / f"{name}.ipynb"
+        nbformat.write(notebook, source)
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(output),
+                parameters=parameters,
+                kernel_name=KERNEL_NAME,
+                language="python",
+                cwd=str(root),
+                progress_bar=progress,
+            )
+        except PapermillExecutionError as error:
+            raise RunError(
+                f"notebook {name!r} failed in cell {error.cell_index} "
+                f"(execution count {error.exec_count}): {error.ename}: {error.evalue}\n"
+                f"the partly executed notebook is {output}"
+            ) from error
+    log.info("executed %s in %.1f s", name, time.perf_counter() - start)
+    return output
+
+
+@contextlib.contextmanager
+def _kernelspec():
+    """A kernelspec for this very interpreter, found first through JUPYTER_PATH.
+
+    A kernel named ``python3`` may point at another environment; this one cannot.
+    """
+    previous = os.environ.get("JUPYTER_PATH")
+    with tempfile.TemporaryDirectory() as directory:
+        spec = Path(directory) / "kernels" / KERNEL_NAME
+        spec.mkdir(parents=True)
+        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        (spec / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": argv,
+                    "display_name": "Python 3 (eomlib)",
+                    "language": "python",
+                }
+            )
+        )
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(
+            filter(None, [directory, previous])
+        )
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["JUPYTER_PATH"]
+            else:
+                os.environ["JUPYTER_PATH"] = previous
+
+
+def build_book(root: Path) -> Path:
+    """Render the executed notebooks and the prose into ``root/_build/html``."""
+    jupyter_book = Path(sys.executable).with_name("jupyter-book")
+    command = [
+        str(jupyter_book) if jupyter_book.exists() else "jupyter-book",
+        "build",
+        str(root),
+        "--builder",
+        "html",
+        "--all",
+        "-W",
+        "--keep-going",
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=root)
+    if result.returncode != 0:
+        raise RunError(f"jupyter-book build failed (exit code {result.returncode})")
+    log.info("built the book in %.1f s", time.perf_counter() - start)
+    return root / "_build" / "html" / "index.html"
+
+
+def run(
+    root: Path,
+    *,
+    profile: str = "quick",
+    notebooks: list[str] | None = None,
+    overrides: dict | None = None,
+    build: bool = True,
+    progress: bool = False,
+) -> None:
+    """Check every notebook's parameters, execute them all, then build the book."""
+    root = Path(root).resolve()
+    if not (root / "_toc.yml").exists():
+        raise RunError(f"{root} is not the book's root: it has no _toc.yml")
+    names = notebooks or notebook_names(root)
+    plans = {
+        name: resolve_parameters(
+            read_notebook(root, name), name, profile, overrides or {}
+        )
+        for name in names
+    }
+    for name, parameters in plans.items():
+        log.info("executing %s with %s", name, parameters)
+        execute(root, name, parameters, progress=progress)
+    if build:
+        index = build_book(root)
+        log.info("the book is at %s", index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eomlib.runner", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--profile", default="quick", help="quick (CPU) or full (GPU)")
+    parser.add_argument(
+        "--notebook", action="append", help="run only this notebook (repeatable)"
+    )
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter; VALUE is a Python literal or a string",
+    )
+    parser.add_argument("--root", default=".", help="the book's root (has _toc.yml)")
+    parser.add_argument("--no-build", action="store_true", help="execute only")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    overrides = {key: parse_value(value) for key, value in args.parameter}
+    try:
+        run(
+            Path(args.root),
+            profile=args.profile,
+            notebooks=args.notebook,
+            overrides=overrides,
+            build=not args.no_build,
+            progress=sys.stderr.isatty(),
+        )
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared cases: small losses whose dense float64 Hessians serve as ground truth."""
+
+import pytest
+import torch
+from torch import func
+
+import eomlib
+from eomlib import _tree
+
+# One tolerance for every comparison against a dense float64 ground truth.
+ATOL = 1e-10
+
+
+def _cubic(x):
+    A = torch.arange(1.0, 1.0 + x.numel() ** 2, dtype=x.dtype).reshape(x.numel(), -1)
+    A = (A + A.T) / A.numel()
+    return 0.5 * x @ A @ x + (x**3).sum() / 6 + torch.sin(x).sum()
+
+
+def _tensor_cubic():
+    return _cubic, torch.linspace(-1.0, 1.0, 7, dtype=torch.float64)
+
+
+def _dict_mlp_digits():
+    problem = eomlib.make_problem(
+        "mlp", "digits", seed=3, num_samples=50, hidden=(5,), dtype="float64"
+    )
+    return problem.loss, problem.params
+
+
+CASES = {"tensor-cubic": _tensor_cubic, "dict-mlp-digits": _dict_mlp_digits}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    """A (loss, params) pair: a tensor and a dict of tensors."""
+    return CASES[request.param]()
+
+
+def dense_hessian(loss, params):
+    """The Hessian of ``loss`` at ``params`` as a dense matrix.
+
+    Formed row by row with classic double backward (torch.autograd), not with
+    torch.func, so that it does not share the code under test.
+    """
+    flat = _tree.flatten(params).detach()
+    return torch.autograd.functional.hessian(
+        lambda v: loss(_tree.unflatten(v, params)), flat
+    )
+
+
+def dense_grad(loss, params):
+    flat = _tree.flatten(params)
+    return func.grad(lambda v: loss(_tree.unflatten(v, params)))(flat)
+
+
+def random_like(params, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return _tree.tree_map(
+        lambda p: torch.randn(p.shape, generator=generator, dtype=p.dtype), params
+    )

@@ -1,0 +1,119 @@
+"""GD trajectories, fields, integration, and the local error of GF and the EoM."""
+
+import numpy as np
+import pytest
+import torch
+
+import eomlib
+from eomlib import _tree
+from tests.conftest import ATOL
+
+
+def _quadratic(eigenvalues=(1.0, 0.25), dtype=torch.float64):
+    A = torch.diag(torch.tensor(eigenvalues, dtype=dtype))
+    return A, (lambda x: 0.5 * x @ A @ x), torch.tensor([1.0, -2.0], dtype=dtype)
+
+
+def test_gd_trajectory_takes_gradient_steps(case):
+    loss, params = case
+    trajectory = eomlib.gd_trajectory(loss, params, 0.1, 3)
+    step = _tree.axpy(-0.1, eomlib.grad(loss, params), params)
+
+    first = _tree.tree_map(lambda x: x[0], trajectory)
+    second = _tree.tree_map(lambda x: x[1], trajectory)
+    torch.testing.assert_close(_tree.flatten(first), _tree.flatten(params))
+    torch.testing.assert_close(_tree.flatten(second), _tree.flatten(step))
+    assert _tree.leaves(trajectory)[0].shape[0] == 4
+
+
+def test_gd_on_a_quadratic_is_a_matrix_power():
+    A, loss, params = _quadratic()
+    trajectory = eomlib.gd_trajectory(loss, params, 0.5, 10)
+    expected = torch.linalg.matrix_power(torch.eye(2, dtype=A.dtype) - 0.5 * A, 10)
+    torch.testing.assert_close(trajectory[-1], expected @ params, atol=ATOL, rtol=0)
+
+
+def test_divergent_gd_names_the_step_and_the_learning_rate():
+    # lr * lambda_max = 100 > 2: each step multiplies the first coordinate by -99.
+    _, loss, params = _quadratic((100.0, 1.0), dtype=torch.float32)
+    with pytest.raises(eomlib.DivergenceError, match=r"diverged at step 20 with lr=1"):
+        eomlib.gd_trajectory(loss, params, 1.0, 1000)
+
+
+def test_gradient_flow_of_a_quadratic_is_a_matrix_exponential():
+    A, loss, params = _quadratic()
+    times = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    solution = eomlib.integrate(eomlib.eom_field(loss, 1.0, 0), params, times)
+    expected = torch.stack([torch.linalg.matrix_exp(-t * A) @ params for t in times])
+    torch.testing.assert_close(solution, expected, atol=1e-9, rtol=0)
+
+
+def test_integrate_keeps_the_structure_of_dict_params(case):
+    loss, params = case
+    solution = eomlib.eom_trajectory(loss, params, 0.05, 2, order=1)
+    final = _tree.tree_map(lambda x: x[-1], solution)
+    _tree.check_same_structure(params, final, ("params", "solution"))
+
+
+def test_eom_field_of_order_zero_is_minus_the_gradient(case):
+    loss, params = case
+    field = eomlib.eom_field(loss, 0.1, 0)(params)
+    torch.testing.assert_close(
+        _tree.flatten(field),
+        -_tree.flatten(eomlib.grad(loss, params)),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("lr", "error", "message"),
+    [
+        (-0.1, ValueError, "lr must be positive and finite; got lr=-0.1"),
+        (0.0, ValueError, "lr must be positive and finite; got lr=0.0"),
+        (float("nan"), ValueError, "lr must be positive and finite"),
+        ("0.1", TypeError, "lr must be a positive real number; got '0.1'"),
+    ],
+)
+def test_eom_field_rejects_a_bad_learning_rate(lr, error, message):
+    _, loss, _ = _quadratic()
+    with pytest.raises(error, match=message):
+        eomlib.eom_field(loss, lr, 1)
+
+
+def test_eom_field_rejects_an_order_it_cannot_compute_when_built():
+    _, loss, _ = _quadratic()
+    with pytest.raises(NotImplementedError, match="orders up to 1"):
+        eomlib.eom_field(loss, 0.1, 2)
+
+
+def test_compare_with_gd_checks_orders_before_running_gd():
+    def loss(x):
+        raise AssertionError("GD must not start")
+
+    with pytest.raises(NotImplementedError):
+        eomlib.compare_with_gd(loss, torch.zeros(2), 0.1, 10, orders=(0, 5))
+
+
+def test_distance_is_zero_at_the_shared_start(case):
+    loss, params = case
+    comparison = eomlib.compare_with_gd(loss, params, 0.05, 3)
+    for distances in comparison.distances.values():
+        assert distances.shape == (4,)
+        assert distances[0].item() == 0.0
+
+
+def test_local_error_of_gf_and_eom_has_the_predicted_order():
+    # After one step, GF misses GD by O(lr^2) and the first-order EoM by O(lr^3).
+    problem = eomlib.make_problem(
+        "mlp", "digits", seed=0, num_samples=200, hidden=(8,), dtype="float64"
+    )
+    lrs = [0.02, 0.04, 0.08, 0.16]
+    local = {0: [], 1: []}
+    for lr in lrs:
+        comparison = eomlib.compare_with_gd(problem.loss, problem.params, lr, 1)
+        for order in local:
+            local[order].append(comparison.distances[order][1].item())
+    slopes = {o: np.polyfit(np.log(lrs), np.log(local[o]), 1)[0] for o in local}
+    assert slopes[0] == pytest.approx(2.0, abs=0.1)
+    assert slopes[1] == pytest.approx(3.0, abs=0.1)

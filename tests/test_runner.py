@@ -1,0 +1,188 @@
+"""The runner: parameter checks before anything runs, execution, and the book."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+import torch
+
+from eomlib import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = runner.notebook_names(ROOT)
+
+
+def _copy_book(destination: Path) -> Path:
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, destination / name)
+    for name in ("book", "notebooks"):
+        shutil.copytree(ROOT / name, destination / name)
+    return destination
+
+
+def test_there_are_notebooks():
+    assert "gd_gf_eom_digits" in NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_notebook_keeps_one_parameters_cell_and_both_profiles(name):
+    notebook = runner.read_notebook(ROOT, name)
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    assert "profile" in runner.declared_parameters(notebook, name)
+    for profile in ("quick", "full"):
+        assert profile in notebook.metadata["eomlib"]["profiles"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_notebook_is_in_the_table_of_contents(name):
+    assert f"executed/{name}" in (ROOT / "_toc.yml").read_text()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_quick_profile_of_every_notebook_passes_the_checks(name):
+    notebook = runner.read_notebook(ROOT, name)
+    parameters = runner.resolve_parameters(notebook, name, "quick", {})
+    assert parameters["profile"] == "quick"
+
+
+BAD_OVERRIDES = [
+    (
+        {"lrs": [0.1, -0.05]},
+        "lrs\\[1\\] must be positive and finite; got lrs\\[1\\]=-0.05",
+    ),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; allowed: cifar10, digits"),
+    ({"model": "transformer"}, "unknown model 'transformer'; allowed: mlp"),
+    ({"dtype": "float16"}, "unknown dtype 'float16'; allowed: float32, float64"),
+    ({"num_steps": 0}, "num_steps must be an integer >= 1; got num_steps=0"),
+    ({"num_steps": 2.5}, "parameter 'num_steps' .* must be of type int"),
+    ({"lrs": "0.1"}, "parameter 'lrs' .* must be of type list"),
+    ({"learning_rate": 0.1}, "has no parameter 'learning_rate'"),
+]
+if not torch.cuda.is_available():
+    BAD_OVERRIDES.append(({"device": "cuda"}, "device='cuda' .* no CUDA GPU"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_OVERRIDES)
+def test_a_bad_parameter_stops_the_run_before_any_notebook_starts(
+    tmp_path, overrides, message
+):
+    root = _copy_book(tmp_path)
+    with pytest.raises(runner.RunError, match=message):
+        runner.run(root, overrides=overrides, build=False)
+    assert not (root / "executed").exists()
+
+
+def test_an_unknown_profile_or_notebook_is_refused(tmp_path):
+    root = _copy_book(tmp_path)
+    with pytest.raises(runner.RunError, match="unknown profile 'medium'; allowed"):
+        runner.run(root, profile="medium", build=False)
+    with pytest.raises(
+        runner.RunError, match="unknown notebook 'nope'; notebooks here"
+    ):
+        runner.run(root, notebooks=["nope"], build=False)
+
+
+def test_the_command_line_names_the_bad_parameter_and_exits_non_zero(tmp_path):
+    root = _copy_book(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eomlib.runner",
+            "--root",
+            str(root),
+            "--no-build",
+            "-p",
+            "lrs",
+            "[-0.1]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "lrs[0] must be positive and finite; got lrs[0]=-0.1" in result.stderr
+
+
+def test_values_on_the_command_line_are_python_literals_or_strings():
+    assert runner.parse_value("[0.1, 0.2]") == [0.1, 0.2]
+    assert runner.parse_value("1e-3") == 1e-3
+    assert runner.parse_value("100") == 100
+    assert runner.parse_value("cuda") == "cuda"
+
+
+BROKEN = """\
+---
+jupytext:
+  text_representation: {extension: .md, format_name: myst}
+kernelspec: {display_name: Python 3, language: python, name: python3}
+eomlib:
+  profiles: {quick: {}, full: {}}
+---
+
+# Broken
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+profile = "quick"
+```
+
+```{code-cell} ipython3
+x = 1
+```
+
+```{code-cell} ipython3
+raise ValueError("this cell fails on purpose")
+```
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_cell_names_the_notebook_and_the_cell(tmp_path):
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: executed/broken\n")
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "broken.md").write_text(BROKEN)
+    with pytest.raises(runner.RunError) as failure:
+        runner.run(tmp_path, build=False)
+    message = str(failure.value)
+    assert "notebook 'broken' failed in cell" in message
+    assert "ValueError: this cell fails on purpose" in message
+
+
+@pytest.mark.slow
+def test_the_quick_profile_executes_every_notebook_and_builds_the_book(tmp_path):
+    root = _copy_book(tmp_path)
+    runner.run(root, profile="quick")
+
+    for name in NOTEBOOKS:
+        executed = nbformat.read(root / "executed" / f"{name}.ipynb", as_version=4)
+        outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert not [o for o in outputs if o.get("name") == "stderr"]
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+        page = (root / "_build" / "html" / "executed" / f"{name}.html").read_text()
+        assert "<img" in page and "Traceback" not in page
+
+    assert (root / "_build" / "html" / "index.html").exists()
+    digits = (
+        root / "_build" / "html" / "executed" / "gd_gf_eom_digits.html"
+    ).read_text()
+    assert "Measured in this run" in digits and "EoM₁ to GD" in digits
+    assert (root / "figures" / "digits-distance-to-gd.pdf").exists()
+
+
+def test_notebooks_are_myst_markdown_that_jupytext_reads():
+    for name in NOTEBOOKS:
+        path = ROOT / "notebooks" / f"{name}.md"
+        assert (
+            jupytext.read(path).metadata["jupytext"]["text_representation"][
+                "format_name"
+            ]
+            == "myst"
+        )
