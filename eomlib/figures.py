@@ -171,11 +171,18 @@ def plot_distance_to_gd(comparisons) -> plt.Figure:
 
 
 def markdown_table(rows: list[dict], formats: dict[str, str] | None = None) -> str:
-    """A Markdown table of ``rows`` (dicts with the same keys, in column order)."""
+    """A Markdown table of ``rows`` (dicts with the same keys, in column order).
+
+    Floats are written with three significant digits unless ``formats`` names a
+    format for their column.
+    """
     formats = formats or {}
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for row in rows:
-        cells = [format(row[c], formats.get(c, "")) for c in columns]
+        cells = [
+            format(row[c], formats.get(c, ".3g" if isinstance(row[c], float) else ""))
+            for c in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

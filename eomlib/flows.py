@@ -20,11 +20,14 @@ from eomlib import _tree
 from eomlib._checks import check_int, check_lr
 from eomlib._tree import Tree
 from eomlib.counter_terms import check_order, counter_terms_and_grad
-from eomlib.derivatives import Loss, grad
+from eomlib.derivatives import Loss, grad, top_eigenvalue
 
 log = logging.getLogger(__name__)
 
 Field = Callable[[Tree], Tree]
+
+
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
 
 class DivergenceError(FloatingPointError):
@@ -144,6 +147,26 @@ class Comparison:
 
     def final_params(self) -> Tree:
         return _tree.tree_map(lambda x: x[-1], self.gd)
+
+    def summary(self, loss: Loss, sharpness_start: float | None = None) -> dict:
+        """One row of numbers: ``lr * lambda_max`` at the start (when given) and at
+        the last GD iterate, the final loss, each flow's final distance to GD, and
+        the ratio of GF's distance to that of the highest-order EoM."""
+        final = self.final_params()
+        row = {"lr": self.lr}
+        if sharpness_start is not None:
+            row["lr·λmax, start"] = self.lr * sharpness_start
+        row["lr·λmax, end"] = self.lr * top_eigenvalue(loss, final)
+        row["loss, end"] = loss(final).item()
+        for order, distances in self.distances.items():
+            name = "GF" if order == 0 else "EoM" + str(order).translate(_SUBSCRIPTS)
+            row[f"{name} to GD, end"] = distances[-1].item()
+        highest = max(self.distances)
+        if 0 in self.distances and highest > 0:
+            row["ratio"] = (
+                self.distances[0][-1].item() / self.distances[highest][-1].item()
+            )
+        return row
 
 
 def compare_with_gd(
