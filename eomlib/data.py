@@ -7,6 +7,7 @@ the first time.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +41,20 @@ def _digits(root: Path) -> tuple[np.ndarray, np.ndarray]:
     return digits.data / 16.0, digits.target
 
 
-def _torchvision(name: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        import torchvision
-    except ImportError as error:
+def check_available(name: str) -> str:
+    """A known data set whose loader can run here (torchvision for the larger ones)."""
+    check_choice(name, "dataset", DATASETS)
+    if name in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
         raise ImportError(
             f"dataset {name!r} needs torchvision, which is not installed; install it "
             "with `pip install torchvision` or use dataset='digits'"
-        ) from error
+        )
+    return name
+
+
+def _torchvision(name: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
     try:
         data = cls[name](root=str(root), train=True, download=True)
@@ -59,6 +66,8 @@ def _torchvision(name: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(data.data, dtype=np.float64).reshape(len(data.targets), -1) / 255.0
     return X, np.asarray(data.targets)
 
+
+NEEDS_TORCHVISION = ("mnist", "cifar10")
 
 DATASETS = {
     "digits": _digits,
@@ -85,7 +94,7 @@ def load_dataset(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         root: where downloaded data sets are kept.
     """
-    check_choice(name, "dataset", DATASETS)
+    check_available(name)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     if num_samples is not None:
         check_int(num_samples, "num_samples", minimum=1)

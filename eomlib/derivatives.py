@@ -81,6 +81,54 @@ def grad_and_hvp(
         return _grad_and_hvp_reverse(loss, params, v)
 
 
+def grad_derivative(
+    loss: Loss, params: Tree, vectors: list[Tree], *, method: str = "auto"
+) -> Tree:
+    """The m-th derivative of the gradient along m vectors, ``D^m g[v_1, ..., v_m]``.
+
+    One vector gives ``H v``; two give ``T(v_1, v_2)``, the third derivative of the
+    loss contracted twice. Each vector adds one level of nested differentiation of the
+    gradient: forward mode (``jvp``) by default; reverse mode (``vjp``, valid because
+    every derivative of a gradient is symmetric) with ``method="reverse"`` or as the
+    fallback of ``"auto"``.
+    """
+    check_choice(method, "method", HVP_METHODS)
+    for i, v in enumerate(vectors):
+        _tree.check_same_structure(params, v, ("params", f"vectors[{i}]"))
+    if not vectors:
+        return grad(loss, params)
+
+    if method == "reverse" or (method == "auto" and loss in _reverse_only):
+        return _nested(loss, params, vectors, _reverse_step)
+    try:
+        return _nested(loss, params, vectors, _forward_step)
+    except (NotImplementedError, RuntimeError) as error:
+        if method == "forward" or not _lacks_forward_rule(error):
+            raise
+        log.warning(
+            "forward-mode AD failed for this loss (%s); using reverse mode for its "
+            "higher derivatives from now on",
+            str(error).splitlines()[0],
+        )
+        _remember_reverse_only(loss)
+        return _nested(loss, params, vectors, _reverse_step)
+
+
+def _forward_step(fn, v):
+    return lambda p: func.jvp(fn, (p,), (v,))[1]
+
+
+def _reverse_step(fn, v):
+    return lambda p: func.vjp(fn, p)[1](v)[0]
+
+
+def _nested(loss, params, vectors, step):
+    fn = func.grad(loss)
+    for v in vectors:
+        fn = step(fn, v)
+    return fn(params)
+
+
 def _grad_and_hvp_reverse(loss: Loss, params: Tree, v: Tree) -> tuple[Tree, Tree]:
     g, pullback = func.vjp(func.grad(loss), params)
     return g, pullback(v)[0]

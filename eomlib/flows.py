@@ -17,7 +17,7 @@ import torchdiffeq
 from tqdm import tqdm
 
 from eomlib import _tree
-from eomlib._checks import check_int, check_lr
+from eomlib._checks import check_choice, check_int, check_lr
 from eomlib._tree import Tree
 from eomlib.counter_terms import check_order, counter_terms_and_grad
 from eomlib.derivatives import Loss, grad, top_eigenvalue
@@ -34,15 +34,30 @@ class DivergenceError(FloatingPointError):
     """GD produced a non-finite value; the message names the step and learning rate."""
 
 
-def eom_field(loss: Loss, lr: float, order: int) -> Field:
-    """The EoM field ``params -> -g - sum_{k=1..order} lr^k xi_k``.
+def eom_field(loss: Loss, lr: float, order: int, *, method: str = "autodiff") -> Field:
+    """The EoM field truncated at ``order``: ``params -> d params/dt``.
+
+    Two methods give the same field up to ``O(lr^(order+1))``:
+
+    * ``"autodiff"``: ``-g - sum_{k=1..order} lr^k xi_k`` with the counter terms of
+      :func:`eomlib.counter_terms`, exact derivatives at every order.
+    * ``"iterates"``: the operator logarithm of the GD step. The EoM's flow over a
+      time ``lr`` *is* the step ``Phi(params) = params - lr g``, so
+      ``lr F = log(Phi) = sum_{m>=1} (-1)^(m+1)/m Delta^m params``, where
+      ``Delta^m`` is the m-th forward difference of the GD iterates started at
+      ``params``. Truncated after ``m = order + 1`` it costs ``order + 1`` gradients
+      and no higher derivative; its round-off grows like ``eps 2^order / lr``.
 
     ``order=0`` is gradient flow, ``-g``, whatever ``lr``. The arguments are checked
     here, before any derivative is taken.
     """
     lr = check_lr(lr)
     check_order(order)
+    check_choice(method, "method", FIELD_METHODS)
+    return FIELD_METHODS[method](loss, lr, order)
 
+
+def _autodiff_field(loss: Loss, lr: float, order: int) -> Field:
     if order == 0:
         return lambda params: _tree.scale(-1.0, grad(loss, params))
 
@@ -54,6 +69,25 @@ def eom_field(loss: Loss, lr: float, order: int) -> Field:
         return _tree.scale(-1.0, _tree.axpy(lr, correction, g))
 
     return field
+
+
+def _iterates_field(loss: Loss, lr: float, order: int) -> Field:
+    def field(params: Tree) -> Tree:
+        iterates, current = [_tree.flatten(params)], params
+        for _ in range(order + 1):
+            current = _tree.axpy(-lr, grad(loss, current), current)
+            iterates.append(_tree.flatten(current))
+
+        log_step = torch.zeros_like(iterates[0])
+        for m in range(1, order + 2):
+            iterates = [b - a for a, b in zip(iterates[:-1], iterates[1:])]
+            log_step += (-1) ** (m + 1) / m * iterates[0]
+        return _tree.unflatten(log_step / lr, params)
+
+    return field
+
+
+FIELD_METHODS = {"autodiff": _autodiff_field, "iterates": _iterates_field}
 
 
 def gd_trajectory(
@@ -83,41 +117,76 @@ def integrate(
     params: Tree,
     times: torch.Tensor,
     *,
-    method: str = "dopri5",
+    solver: str = "dopri5",
     rtol: float = 1e-10,
     atol: float = 1e-12,
 ) -> Tree:
     """Solve ``d params/dt = field(params)`` from ``params`` at ``times[0]``.
 
-    The solver is torchdiffeq's ``odeint`` on the flattened parameters. Returns the
+    ``solver`` names one of torchdiffeq's adaptive methods (``SOLVERS``: Dormand-Prince
+    of order 5 or 8, ...), run by its ``odeint`` on the flattened parameters; the
+    tolerances are checked against the dtype first. Returns the
     solution at each of ``times``, stacked along a new leading axis, in the structure
     of ``params``.
     """
     flat = _tree.flatten(params)
+    check_tolerances(flat.dtype, rtol, atol)
+    check_choice(solver, "solver", SOLVERS)
     times = torch.as_tensor(times, dtype=flat.dtype, device=flat.device)
 
     def rhs(t, y):
         return _tree.flatten(field(_tree.unflatten(y, params)))
 
     start = time.perf_counter()
-    solution = torchdiffeq.odeint(rhs, flat, times, method=method, rtol=rtol, atol=atol)
+    solution = torchdiffeq.odeint(rhs, flat, times, method=solver, rtol=rtol, atol=atol)
     log.info(
         "integrated to t=%g with %s in %.2f s",
         times[-1].item(),
-        method,
+        solver,
         time.perf_counter() - start,
     )
     return _tree.unflatten_batch(solution, params)
 
 
+# torchdiffeq's adaptive solvers: the tolerances below only mean something to them.
+SOLVERS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def check_tolerances(
+    dtype: torch.dtype, rtol: float, atol: float | None = None
+) -> None:
+    """Tolerances that are positive, finite and resolvable in ``dtype``.
+
+    A relative tolerance near the dtype's machine epsilon makes an adaptive solver
+    shrink its step without end, so it is refused at once.
+    """
+    check_lr(rtol, "rtol")
+    if atol is not None:
+        check_lr(atol, "atol")
+    floor = 10 * torch.finfo(dtype).eps
+    if rtol < floor:
+        raise ValueError(
+            f"rtol={rtol:g} is below what {str(dtype).removeprefix('torch.')} resolves "
+            f"(10 eps = {floor:.1e}); use rtol >= {floor:.0e} or dtype='float64'"
+        )
+
+
 def eom_trajectory(
-    loss: Loss, params: Tree, lr: float, num_steps: int, order: int, **solver
+    loss: Loss,
+    params: Tree,
+    lr: float,
+    num_steps: int,
+    order: int,
+    *,
+    method: str = "autodiff",
+    **solver,
 ) -> Tree:
     """The EoM of ``order`` integrated from ``params``, sampled at ``t = k * lr``.
 
-    ``order=0`` is gradient flow. ``solver`` goes to :func:`integrate`.
+    ``order=0`` is gradient flow; ``method`` is that of :func:`eom_field`.
+    ``solver`` goes to :func:`integrate`.
     """
-    field = eom_field(loss, lr, order)
+    field = eom_field(loss, lr, order, method=method)
     check_int(num_steps, "num_steps")
     first = _tree.leaves(params)[0]
     times = lr * torch.arange(num_steps + 1, dtype=first.dtype, device=first.device)

@@ -36,7 +36,32 @@ def _mlp(
     return nn.Sequential(*layers)
 
 
-MODELS = {"mlp": _mlp}
+def _cnn(
+    in_features: int,
+    num_classes: int,
+    channels: int = 4,
+    activation: str = "tanh",
+) -> nn.Module:
+    """A small convolutional network for square one-channel images given flat."""
+    check_choice(activation, "activation", ACTIVATIONS)
+    side = int(round(in_features**0.5))
+    if side * side != in_features:
+        raise ValueError(
+            f"model 'cnn' needs square one-channel images; got {in_features} features"
+        )
+    check_int(channels, "channels", minimum=1)
+    pooled = side // 2
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, channels, kernel_size=3, padding=1),
+        ACTIVATIONS[activation](),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * pooled * pooled, num_classes),
+    )
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn}
 
 
 def make_model(

@@ -8,7 +8,8 @@ with a message naming the parameter, the value and what is allowed.
 from __future__ import annotations
 
 from eomlib import _checks
-from eomlib.data import DATASETS
+from eomlib.data import check_available
+from eomlib.flows import check_tolerances
 from eomlib.models import ACTIVATIONS, MODELS
 
 PROFILES = ("quick", "full")
@@ -21,7 +22,9 @@ CHECKS = {
     "seed": lambda v: _checks.check_int(v, "seed"),
     "device": _checks.resolve_device,
     "dtype": _checks.resolve_dtype,
-    "dataset": lambda v: _checks.check_choice(v, "dataset", DATASETS),
+    "dataset": check_available,
+    "orders": lambda v: [_checks.check_int(k, "order") for k in v],
+    "rtol": lambda v: _checks.check_lr(v, "rtol"),
     "model": lambda v: _checks.check_choice(v, "model", MODELS),
     "activation": lambda v: _checks.check_choice(v, "activation", ACTIVATIONS),
     "hidden": lambda v: [_checks.check_int(w, "hidden width", 1) for w in v],
@@ -41,4 +44,6 @@ def check_parameters(**parameters) -> dict:
     for name, value in parameters.items():
         if name in CHECKS:
             CHECKS[name](value)
+    if "rtol" in parameters and "dtype" in parameters:
+        check_tolerances(_checks.resolve_dtype(parameters["dtype"]), parameters["rtol"])
     return parameters

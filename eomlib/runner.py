@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,16 +99,26 @@ def resolve_parameters(
         (f"profile {profile!r}", profiles[profile]),
         ("-p", overrides),
     ):
+        if "profile" in values:
+            raise RunError(
+                f"the profile is chosen with --profile, not set from {source}"
+            )
         for key, value in values.items():
             _check_type(name, source, key, value, defaults)
-            parameters[key] = value
+        _check_values(name, source, values)
+        parameters.update(values)
     parameters["profile"] = profile
-
-    try:
-        check_parameters(**parameters)
-    except (TypeError, ValueError) as error:
-        raise RunError(f"notebook {name!r}: bad parameter: {error}") from error
+    _check_values(name, "the combined parameters", parameters)
     return parameters
+
+
+def _check_values(name: str, source: str, values: dict) -> None:
+    try:
+        check_parameters(**values)
+    except (TypeError, ValueError, ImportError) as error:
+        raise RunError(
+            f"notebook {name!r}: bad parameter from {source}: {error}"
+        ) from error
 
 
 def _check_type(name: str, source: str, key: str, value, defaults: dict) -> None:
@@ -154,11 +165,12 @@ def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, _kernelspec():
         source = Path(scratch) / f"{name}.ipynb"
+        partial = Path(scratch) / f"{name}.executed.ipynb"
         nbformat.write(notebook, source)
         try:
             papermill.execute_notebook(
                 str(source),
-                str(output),
+                str(partial),
                 parameters=parameters,
                 kernel_name=KERNEL_NAME,
                 language="python",
@@ -166,11 +178,18 @@ def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) 
                 progress_bar=progress,
             )
         except PapermillExecutionError as error:
+            # The last good execution stays where the book reads it.
+            failed = root / "_build" / "failed" / f"{name}.ipynb"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(partial, failed)
             raise RunError(
                 f"notebook {name!r} failed in cell {error.cell_index} "
                 f"(execution count {error.exec_count}): {error.ename}: {error.evalue}\n"
-                f"the partly executed notebook is {output}"
+                f"the partly executed notebook is {failed}"
             ) from error
+        staged = output.with_suffix(".ipynb.partial")
+        shutil.copyfile(partial, staged)
+        os.replace(staged, output)
     log.info("executed %s in %.1f s", name, time.perf_counter() - start)
     return output
 

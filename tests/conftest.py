@@ -28,7 +28,18 @@ def _dict_mlp_digits():
     return problem.loss, problem.params
 
 
-CASES = {"tensor-cubic": _tensor_cubic, "dict-mlp-digits": _dict_mlp_digits}
+def _dict_cnn_digits():
+    problem = eomlib.make_problem(
+        "cnn", "digits", seed=4, num_samples=30, channels=2, dtype="float64"
+    )
+    return problem.loss, problem.params
+
+
+CASES = {
+    "tensor-cubic": _tensor_cubic,
+    "dict-mlp-digits": _dict_mlp_digits,
+    "dict-cnn-digits": _dict_cnn_digits,
+}
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -59,3 +70,18 @@ def random_like(params, seed=0):
     return _tree.tree_map(
         lambda p: torch.randn(p.shape, generator=generator, dtype=p.dtype), params
     )
+
+
+def classic_grad_derivative(loss, params, vectors):
+    """``D^m g[v_1, ..., v_m]`` by classic double backward (torch.autograd), flat.
+
+    Independent of torch.func: each level differentiates the inner product of the
+    previous level with the next vector.
+    """
+    flat = _tree.flatten(params).detach().requires_grad_(True)
+    (value,) = torch.autograd.grad(
+        loss(_tree.unflatten(flat, params)), flat, create_graph=True
+    )
+    for v in vectors:
+        (value,) = torch.autograd.grad(value @ v, flat, create_graph=True)
+    return value.detach()

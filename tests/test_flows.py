@@ -81,18 +81,18 @@ def test_eom_field_rejects_a_bad_learning_rate(lr, error, message):
         eomlib.eom_field(loss, lr, 1)
 
 
-def test_eom_field_rejects_an_order_it_cannot_compute_when_built():
+def test_eom_field_rejects_an_unknown_method_when_built():
     _, loss, _ = _quadratic()
-    with pytest.raises(NotImplementedError, match="orders up to 1"):
-        eomlib.eom_field(loss, 0.1, 2)
+    with pytest.raises(ValueError, match="unknown method 'taylor'; allowed: autodiff"):
+        eomlib.eom_field(loss, 0.1, 2, method="taylor")
 
 
 def test_compare_with_gd_checks_orders_before_running_gd():
     def loss(x):
         raise AssertionError("GD must not start")
 
-    with pytest.raises(NotImplementedError):
-        eomlib.compare_with_gd(loss, torch.zeros(2), 0.1, 10, orders=(0, 5))
+    with pytest.raises(ValueError, match="order must be an integer >= 0"):
+        eomlib.compare_with_gd(loss, torch.zeros(2), 0.1, 10, orders=(0, -1))
 
 
 def test_distance_is_zero_at_the_shared_start(case):
@@ -103,17 +103,68 @@ def test_distance_is_zero_at_the_shared_start(case):
         assert distances[0].item() == 0.0
 
 
-def test_local_error_of_gf_and_eom_has_the_predicted_order():
-    # After one step, GF misses GD by O(lr^2) and the first-order EoM by O(lr^3).
-    problem = eomlib.make_problem(
+def _small_network():
+    return eomlib.make_problem(
         "mlp", "digits", seed=0, num_samples=200, hidden=(8,), dtype="float64"
     )
-    lrs = [0.02, 0.04, 0.08, 0.16]
-    local = {0: [], 1: []}
+
+
+def _slope(lrs, values):
+    return np.polyfit(np.log(lrs), np.log(values), 1)[0]
+
+
+def test_local_error_of_the_eom_has_the_predicted_order():
+    # The EoM of order K meets one GD step up to O(lr^(K+2)): GF (K = 0) misses it
+    # by O(lr^2), the first-order EoM by O(lr^3), and so on.
+    problem = _small_network()
+    lrs = [0.05, 0.1, 0.2, 0.4]
+    orders = (0, 1, 2)
+    local = {order: [] for order in orders}
     for lr in lrs:
-        comparison = eomlib.compare_with_gd(problem.loss, problem.params, lr, 1)
-        for order in local:
+        comparison = eomlib.compare_with_gd(
+            problem.loss, problem.params, lr, 1, orders=orders, rtol=1e-12, atol=1e-14
+        )
+        for order in orders:
             local[order].append(comparison.distances[order][1].item())
-    slopes = {o: np.polyfit(np.log(lrs), np.log(local[o]), 1)[0] for o in local}
-    assert slopes[0] == pytest.approx(2.0, abs=0.1)
-    assert slopes[1] == pytest.approx(3.0, abs=0.1)
+    for order in orders:
+        assert _slope(lrs, local[order]) == pytest.approx(order + 2, abs=0.3)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_the_two_methods_agree_to_the_order_of_the_truncation(order):
+    # Autodiff counter terms and the logarithm of the GD step differ by
+    # O(lr^(order+1)) in the field (an asymptotic statement: small lrs).
+    problem = _small_network()
+    lrs = [0.0125, 0.025, 0.05]
+    gaps = []
+    for lr in lrs:
+        fields = [
+            eomlib.eom_field(problem.loss, lr, order, method=method)(problem.params)
+            for method in ("autodiff", "iterates")
+        ]
+        gaps.append((_tree.flatten(fields[0]) - _tree.flatten(fields[1])).norm().item())
+    assert _slope(lrs, gaps) == pytest.approx(order + 1, abs=0.3)
+
+
+def test_the_iterates_field_of_order_zero_is_minus_the_gradient(case):
+    loss, params = case
+    field = eomlib.eom_field(loss, 0.1, 0, method="iterates")(params)
+    torch.testing.assert_close(
+        _tree.flatten(field),
+        -_tree.flatten(eomlib.grad(loss, params)),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
+def test_on_a_quadratic_the_iterates_field_is_a_truncated_logarithm():
+    # GD is (1 - lr A); the forward differences of its iterates are (-lr A)^m params,
+    # so the field is -sum_{m<=K+1} (lr A)^m / (m lr) params.
+    A, loss, params = _quadratic((1.0, 0.25))
+    lr, order = 0.3, 3
+    field = eomlib.eom_field(loss, lr, order, method="iterates")(params)
+    expected = -sum(
+        torch.linalg.matrix_power(lr * A, m) @ params / (m * lr)
+        for m in range(1, order + 2)
+    )
+    torch.testing.assert_close(field, expected, atol=ATOL, rtol=0)

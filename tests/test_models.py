@@ -37,6 +37,14 @@ def test_the_loss_of_params_is_the_modules_own_cross_entropy():
     torch.testing.assert_close(problem.loss(problem.params), expected)
 
 
+def test_the_cnn_reads_digits_as_images_and_refuses_other_shapes():
+    problem = eomlib.make_problem("cnn", num_samples=20, channels=3)
+    assert problem.params["1.weight"].shape == (3, 1, 3, 3)
+    assert torch.isfinite(problem.loss(problem.params))
+    with pytest.raises(ValueError, match="needs square one-channel images; got 10"):
+        eomlib.make_model("cnn", 10, 2)
+
+
 def test_differentiating_the_loss_leaves_the_module_unchanged():
     problem = eomlib.make_problem(num_samples=30, hidden=(6,))
     before = {k: v.clone() for k, v in problem.model.state_dict().items()}
@@ -51,7 +59,7 @@ def test_differentiating_the_loss_leaves_the_module_unchanged():
     [
         (
             lambda: eomlib.make_model("resnet", 64, 10),
-            "unknown model 'resnet'; allowed: mlp",
+            "unknown model 'resnet'; allowed: cnn, mlp",
         ),
         (
             lambda: eomlib.make_model("mlp", 64, 10, seed=-1),

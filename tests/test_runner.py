@@ -1,5 +1,6 @@
 """The runner: parameter checks before anything runs, execution, and the book."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -56,13 +57,19 @@ BAD_OVERRIDES = [
         "lrs\\[1\\] must be positive and finite; got lrs\\[1\\]=-0.05",
     ),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; allowed: cifar10, digits"),
-    ({"model": "transformer"}, "unknown model 'transformer'; allowed: mlp"),
+    ({"model": "transformer"}, "unknown model 'transformer'; allowed: cnn, mlp"),
     ({"dtype": "float16"}, "unknown dtype 'float16'; allowed: float32, float64"),
     ({"num_steps": 0}, "num_steps must be an integer >= 1; got num_steps=0"),
     ({"num_steps": 2.5}, "parameter 'num_steps' .* must be of type int"),
     ({"lrs": "0.1"}, "parameter 'lrs' .* must be of type list"),
     ({"learning_rate": 0.1}, "has no parameter 'learning_rate'"),
+    ({"rtol": -1.0}, "rtol must be positive and finite; got rtol=-1.0"),
+    ({"rtol": 0.0}, "rtol must be positive and finite; got rtol=0.0"),
+    ({"dtype": "float32"}, "rtol=1e-10 is below what float32 resolves"),
+    ({"profile": "full"}, "the profile is chosen with --profile"),
 ]
+if importlib.util.find_spec("torchvision") is None:
+    BAD_OVERRIDES.append(({"dataset": "mnist"}, "'mnist' needs torchvision"))
 if not torch.cuda.is_available():
     BAD_OVERRIDES.append(({"device": "cuda"}, "device='cuda' .* no CUDA GPU"))
 
@@ -153,6 +160,23 @@ def test_a_failing_cell_names_the_notebook_and_the_cell(tmp_path):
     message = str(failure.value)
     assert "notebook 'broken' failed in cell" in message
     assert "ValueError: this cell fails on purpose" in message
+    assert (tmp_path / "_build" / "failed" / "broken.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_run_keeps_the_last_good_execution(tmp_path):
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: executed/broken\n")
+    (tmp_path / "notebooks").mkdir()
+    good = BROKEN.replace('raise ValueError("this cell fails on purpose")', "y = 2")
+    (tmp_path / "notebooks" / "broken.md").write_text(good)
+    runner.run(tmp_path, build=False)
+    executed = tmp_path / "executed" / "broken.ipynb"
+    before = executed.read_bytes()
+
+    (tmp_path / "notebooks" / "broken.md").write_text(BROKEN)
+    with pytest.raises(runner.RunError):
+        runner.run(tmp_path, build=False)
+    assert executed.read_bytes() == before
 
 
 @pytest.mark.slow
