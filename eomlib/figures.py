@@ -122,9 +122,27 @@ def order_label(order: int) -> str:
     return "GF" if order == 0 else f"EoM$_{order}$"
 
 
-def fit_slope(x, y) -> float:
-    """The least-squares slope of ``log y`` against ``log x``."""
-    return float(np.polyfit(np.log(np.asarray(x)), np.log(np.asarray(y)), 1)[0])
+def fit_slope(x, y, floor: float = 0.0) -> float:
+    """The least-squares slope of ``log y`` against ``log x``, over the points with
+    ``y > floor`` (pass a multiple of the round-off floor to keep noise out); ``nan``
+    when fewer than two points remain."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = y > floor
+    if keep.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
+
+
+def plot_error_against_lr(ax, lrs, errors: dict, *, floor: float, title: str) -> None:
+    """Log-log error against the learning rate, one line per order, with the
+    round-off floor as a grey band."""
+    markers = "osD^v<>"
+    for order, values in sorted(errors.items()):
+        ax.loglog(lrs, values, marker=markers[order % 7], label=order_label(order))
+    ax.axhspan(floor / 10, floor, color="0.85", label="round-off")
+    ax.set_xticks(lrs, labels=[f"{lr:g}" for lr in lrs])
+    ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+    ax.set(xlabel="learning rate lr", ylabel="distance to GD", title=title)
 
 
 def plot_distance_to_gd(comparisons) -> plt.Figure:

@@ -138,7 +138,17 @@ def integrate(
         return _tree.flatten(field(_tree.unflatten(y, params)))
 
     start = time.perf_counter()
-    solution = torchdiffeq.odeint(rhs, flat, times, method=solver, rtol=rtol, atol=atol)
+    # Steps land on every output time, so no value comes from the solver's
+    # interpolant, whose order is lower than the method's.
+    solution = torchdiffeq.odeint(
+        rhs,
+        flat,
+        times,
+        method=solver,
+        rtol=rtol,
+        atol=atol,
+        options={"step_t": times},
+    )
     log.info(
         "integrated to t=%g with %s in %.2f s",
         times[-1].item(),
@@ -260,3 +270,37 @@ def compare_with_gd(
         for order in orders
     }
     return Comparison(lr=lr, gd=gd, distances=distances)
+
+
+def discretization_errors(
+    loss: Loss,
+    params: Tree,
+    lrs: list[float],
+    orders: tuple[int, ...],
+    *,
+    horizon: float | None = None,
+    **solver,
+) -> dict[int, list[float]]:
+    """The distance between GD and the EoM of each order, for each learning rate.
+
+    With ``horizon=None`` it is the local error, after one step; otherwise the global
+    error after ``N = round(horizon / lr)`` steps, at the same time ``t = N lr`` for
+    every ``lr`` that divides ``horizon``. ``solver`` goes to :func:`integrate`.
+    """
+    for order in orders:
+        check_order(order)
+    if horizon is not None:
+        check_lr(horizon, "horizon")
+    errors: dict[int, list[float]] = {order: [] for order in orders}
+    for lr in lrs:
+        num_steps = 1 if horizon is None else max(1, round(horizon / lr))
+        comparison = compare_with_gd(loss, params, lr, num_steps, orders, **solver)
+        for order in orders:
+            errors[order].append(comparison.distances[order][-1].item())
+    return errors
+
+
+def roundoff_floor(params: Tree) -> float:
+    """``eps |params|``: the smallest distance that the dtype can resolve at params."""
+    flat = _tree.flatten(params)
+    return torch.finfo(flat.dtype).eps * flat.norm().item()

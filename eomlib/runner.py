@@ -12,8 +12,9 @@ tagged ``parameters`` and, in its front matter, the named profiles::
         quick: {num_steps: 100}
         full: {num_steps: 2000, device: cuda}
 
-A run takes the parameters cell's defaults, then the profile, then ``-p`` overrides;
-it checks every name, type and value before any notebook starts. papermill executes
+A run takes the parameters cell's defaults, then the profile, then ``-p`` overrides
+(each goes to the notebooks that declare that parameter); it checks every name, type
+and value before any notebook starts. papermill executes
 each notebook into ``executed/NAME.ipynb`` (where the book reads it) and Jupyter Book
 renders HTML into ``_build/html`` without executing anything again.
 """
@@ -258,21 +259,43 @@ def run(
 ) -> None:
     """Check every notebook's parameters, execute them all, then build the book."""
     root = Path(root).resolve()
-    if not (root / "_toc.yml").exists():
-        raise RunError(f"{root} is not the book's root: it has no _toc.yml")
-    names = notebooks or notebook_names(root)
-    plans = {
-        name: resolve_parameters(
-            read_notebook(root, name), name, profile, overrides or {}
-        )
-        for name in names
-    }
+    plans = plan(root, profile, notebooks, overrides)
     for name, parameters in plans.items():
         log.info("executing %s with %s", name, parameters)
         execute(root, name, parameters, progress=progress)
     if build:
         index = build_book(root)
         log.info("the book is at %s", index)
+
+
+def plan(
+    root: Path, profile: str, notebooks: list[str] | None, overrides: dict | None
+) -> dict[str, dict]:
+    """The checked parameters of each notebook to run, before anything runs."""
+    if not (root / "_toc.yml").exists():
+        raise RunError(f"{root} is not the book's root: it has no _toc.yml")
+    names = notebooks or notebook_names(root)
+    notebooks_read = {name: read_notebook(root, name) for name in names}
+    declared = {
+        name: declared_parameters(nb, name) for name, nb in notebooks_read.items()
+    }
+
+    # An override goes to every notebook that declares it; one that none declares is
+    # a typo, reported with the first notebook's parameters.
+    overrides = overrides or {}
+    for key in overrides:
+        if not any(key in parameters for parameters in declared.values()):
+            _check_type(names[0], "-p", key, overrides[key], declared[names[0]])
+    plans = {
+        name: resolve_parameters(
+            notebook,
+            name,
+            profile,
+            {k: v for k, v in overrides.items() if k in declared[name]},
+        )
+        for name, notebook in notebooks_read.items()
+    }
+    return plans
 
 
 def main(argv: list[str] | None = None) -> int:

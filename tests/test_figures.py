@@ -1,6 +1,7 @@
 """The figure helper: stable names, three files, provenance, reproducible bytes."""
 
 import json
+import math
 
 import pytest
 from matplotlib import pyplot as plt
@@ -55,3 +56,23 @@ def test_the_same_figure_saves_to_the_same_bytes(tmp_path):
 def test_an_unstable_name_is_refused(tmp_path, name):
     with pytest.raises(ValueError, match="figure name must be lower-case"):
         eomlib.savefig(_figure(), name, parameters={}, directory=tmp_path)
+
+
+def test_fit_slope_recovers_a_power_law_and_skips_points_below_the_floor():
+    x = [0.1, 0.2, 0.4, 0.8]
+    y = [1e-16, 0.2**3, 0.4**3, 0.8**3]  # the first point sits at round-off
+    assert eomlib.figures.fit_slope(x[1:], y[1:]) == pytest.approx(3.0)
+    assert eomlib.figures.fit_slope(x, y, floor=1e-12) == pytest.approx(3.0)
+    assert math.isnan(eomlib.figures.fit_slope(x, y, floor=1.0))  # no points left
+
+
+def test_markdown_table_writes_one_row_per_dict():
+    table = eomlib.figures.markdown_table(
+        [{"lr": 0.1, "ratio": 2.5}, {"lr": 0.2, "ratio": 3.0}]
+    )
+    assert table.splitlines() == [
+        "| lr | ratio |",
+        "|---:|---:|",
+        "| 0.1 | 2.5 |",
+        "| 0.2 | 3 |",
+    ]

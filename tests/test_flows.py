@@ -168,3 +168,48 @@ def test_on_a_quadratic_the_iterates_field_is_a_truncated_logarithm():
         for m in range(1, order + 2)
     )
     torch.testing.assert_close(field, expected, atol=ATOL, rtol=0)
+
+
+def test_discretization_errors_are_one_step_or_a_fixed_time():
+    _, loss, params = _quadratic()
+    local = eomlib.discretization_errors(loss, params, [0.1, 0.2], (0, 1))
+    direct = eomlib.compare_with_gd(loss, params, 0.2, 1, (0, 1))
+    assert local[1][1] == pytest.approx(direct.distances[1][1].item(), rel=1e-9)
+
+    at_time = eomlib.discretization_errors(loss, params, [0.1], (0,), horizon=0.5)
+    five_steps = eomlib.compare_with_gd(loss, params, 0.1, 5, (0,))
+    assert at_time[0][0] == pytest.approx(five_steps.distances[0][-1].item(), rel=1e-9)
+
+
+def test_global_error_of_gf_on_a_quadratic_is_the_gap_to_the_exponential():
+    A, loss, params = _quadratic((1.0, 0.5))
+    lr, horizon = 0.1, 1.0
+    (error,) = eomlib.discretization_errors(loss, params, [lr], (0,), horizon=horizon)[
+        0
+    ]
+    gd = torch.linalg.matrix_power(torch.eye(2, dtype=A.dtype) - lr * A, 10) @ params
+    gf = torch.linalg.matrix_exp(-horizon * A) @ params
+    assert error == pytest.approx((gd - gf).norm().item(), rel=1e-8)
+
+
+def test_roundoff_floor_is_machine_epsilon_times_the_norm():
+    params = {"w": torch.tensor([3.0, 4.0], dtype=torch.float32)}
+    assert eomlib.roundoff_floor(params) == pytest.approx(5 * 2.0**-23)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rtol": 1e-10}, ValueError, "rtol=1e-10 is below what float32 resolves"),
+        ({"rtol": -1.0}, ValueError, "rtol must be positive and finite"),
+        ({"atol": 0.0}, ValueError, "atol must be positive and finite"),
+        ({"solver": "rk45", "rtol": 1e-5}, ValueError, "unknown solver 'rk45'"),
+    ],
+)
+def test_integrate_refuses_tolerances_and_solvers_it_cannot_honour(
+    kwargs, error, message
+):
+    _, loss, params = _quadratic(dtype=torch.float32)
+    field = eomlib.eom_field(loss, 0.1, 0)
+    with pytest.raises(error, match=message):
+        eomlib.integrate(field, params, torch.tensor([0.0, 1.0]), **kwargs)
