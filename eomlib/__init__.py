@@ -11,7 +11,13 @@ build on them.
 
 from eomlib.counter_terms import counter_terms
 from eomlib.data import DATASETS, Dataset, load_dataset
-from eomlib.derivatives import grad, grad_and_hvp, hvp, top_eigenvalue
+from eomlib.derivatives import (
+    grad,
+    grad_and_hvp,
+    grad_derivative,
+    hvp,
+    top_eigenvalue,
+)
 from eomlib.figures import savefig, use_style
 from eomlib.flows import (
     Comparison,
@@ -54,6 +60,7 @@ __all__ = [
     "gd_trajectory",
     "grad",
     "grad_and_hvp",
+    "grad_derivative",
     "hvp",
     "initial_params",
     "integrate",

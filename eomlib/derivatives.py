@@ -64,21 +64,12 @@ def grad_and_hvp(
     """The gradient and ``H v`` together; forward over reverse gets both in one pass."""
     check_choice(method, "method", HVP_METHODS)
     _tree.check_same_structure(params, v, ("params", "v"))
-
-    if method == "reverse" or (method == "auto" and loss in _reverse_only):
-        return _grad_and_hvp_reverse(loss, params, v)
-    try:
-        return func.jvp(func.grad(loss), (params,), (v,))
-    except (NotImplementedError, RuntimeError) as error:
-        if method == "forward" or not _lacks_forward_rule(error):
-            raise
-        log.warning(
-            "forward-mode AD failed for this loss (%s); using reverse over reverse "
-            "for its Hessian-vector products from now on",
-            str(error).splitlines()[0],
-        )
-        _remember_reverse_only(loss)
-        return _grad_and_hvp_reverse(loss, params, v)
+    return _forward_or_reverse(
+        loss,
+        method,
+        forward=lambda: func.jvp(func.grad(loss), (params,), (v,)),
+        reverse=lambda: _grad_and_hvp_reverse(loss, params, v),
+    )
 
 
 def grad_derivative(
@@ -97,21 +88,31 @@ def grad_derivative(
         _tree.check_same_structure(params, v, ("params", f"vectors[{i}]"))
     if not vectors:
         return grad(loss, params)
+    return _forward_or_reverse(
+        loss,
+        method,
+        forward=lambda: _nested(loss, params, vectors, _forward_step),
+        reverse=lambda: _nested(loss, params, vectors, _reverse_step),
+    )
 
+
+def _forward_or_reverse(loss: Loss, method: str, forward, reverse):
+    """Run ``forward``, or ``reverse`` when asked to or when forward mode fails for
+    want of a rule (then once more with a logged notice, and for good for ``loss``)."""
     if method == "reverse" or (method == "auto" and loss in _reverse_only):
-        return _nested(loss, params, vectors, _reverse_step)
+        return reverse()
     try:
-        return _nested(loss, params, vectors, _forward_step)
+        return forward()
     except (NotImplementedError, RuntimeError) as error:
         if method == "forward" or not _lacks_forward_rule(error):
             raise
         log.warning(
             "forward-mode AD failed for this loss (%s); using reverse mode for its "
-            "higher derivatives from now on",
+            "second and higher derivatives from now on",
             str(error).splitlines()[0],
         )
         _remember_reverse_only(loss)
-        return _nested(loss, params, vectors, _reverse_step)
+        return reverse()
 
 
 def _forward_step(fn, v):

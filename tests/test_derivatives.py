@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import eomlib
 from eomlib import _tree
-from tests.conftest import ATOL, dense_hessian, random_like
+from tests.conftest import ATOL, classic_grad_derivative, dense_hessian, random_like
 
 
 @pytest.mark.parametrize("method", ["auto", "forward", "reverse"])
@@ -83,7 +83,7 @@ def test_hvp_falls_back_to_reverse_mode_with_one_notice(caplog):
 
     torch.testing.assert_close(first, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(second, expected, atol=ATOL, rtol=0)
-    notices = [r for r in caplog.records if "reverse over reverse" in r.message]
+    notices = [r for r in caplog.records if "using reverse mode" in r.message]
     assert len(notices) == 1
 
 
@@ -125,3 +125,28 @@ def test_top_eigenvalue_is_the_largest_eigenvalue_of_the_dense_hessian():
         problem.loss, problem.params, num_iters=500, rtol=1e-12
     )
     assert result == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_grad_derivative_is_the_nested_derivative_of_the_gradient(case, method):
+    loss, params = case
+    u, w = random_like(params, seed=1), random_like(params, seed=2)
+    result = eomlib.grad_derivative(loss, params, [u, w, u], method=method)
+    expected = classic_grad_derivative(
+        loss, params, [_tree.flatten(u), _tree.flatten(w), _tree.flatten(u)]
+    )
+    torch.testing.assert_close(_tree.flatten(result), expected, atol=ATOL, rtol=0)
+
+
+def test_counter_terms_work_through_the_reverse_mode_fallback():
+    def loss(x):
+        return _SoftplusWithoutJvp.apply(x).pow(3).sum()
+
+    params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+    _, xi_2 = eomlib.counter_terms(loss, params, 2)
+    g = classic_grad_derivative(loss, params, [])
+    hg = classic_grad_derivative(loss, params, [g])
+    expected = classic_grad_derivative(loss, params, [hg]) / 3 + (
+        classic_grad_derivative(loss, params, [g, g]) / 12
+    )
+    torch.testing.assert_close(xi_2, expected, atol=ATOL, rtol=0)
