@@ -117,6 +117,21 @@ def counter_term_trees(order: int) -> dict[Tree, Fraction]:
     }
 
 
+def collapse(tree: Tree, derivatives):
+    """The elementary differential of ``tree`` in one dimension, where every product
+    commutes: the product over its nodes of ``derivatives[m]``, m the node's number
+    of children (``derivatives[m]`` stands for the m-th derivative of ``g``).
+
+    Example:
+        >>> collapse(((), ((),)), [2, 3, 5])  # T(g, Hg) -> g'' g (g' g) = 5 2 3 2
+        60
+    """
+    value = derivatives[len(tree)]
+    for child in tree:
+        value = value * collapse(child, derivatives)
+    return value
+
+
 def to_text(tree: Tree) -> str:
     """An elementary differential of ``g`` in the book's notation: ``H``, ``T``,
     ``D^m g`` for the derivatives, ``g`` for the leaf.

@@ -129,12 +129,15 @@ def _check_type(name: str, source: str, key: str, value, defaults: dict) -> None
             f"parameters are: {', '.join(defaults)}"
         )
     default = defaults[key]
-    expected = float if isinstance(default, float) else type(default)
-    ok = default is None or value is None or isinstance(value, expected)
-    if isinstance(value, bool) != isinstance(default, bool) and default is not None:
-        ok = False
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
+    if default is None or value is None:
+        return
+    expected = type(default)
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))  # an int is a fine float
+    else:
+        ok = isinstance(value, expected)
     if not ok:
         raise RunError(
             f"notebook {name!r}: parameter {key!r} (from {source}) must be of type "
@@ -281,11 +284,15 @@ def plan(
     }
 
     # An override goes to every notebook that declares it; one that none declares is
-    # a typo, reported with the first notebook's parameters.
+    # a typo.
     overrides = overrides or {}
+    known = sorted(set().union(*declared.values()))
     for key in overrides:
-        if not any(key in parameters for parameters in declared.values()):
-            _check_type(names[0], "-p", key, overrides[key], declared[names[0]])
+        if key not in known:
+            raise RunError(
+                f"no notebook here has a parameter {key!r} (from -p); the "
+                f"parameters are: {', '.join(known)}"
+            )
     plans = {
         name: resolve_parameters(
             notebook,

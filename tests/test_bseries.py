@@ -44,20 +44,12 @@ def test_grafting_attaches_once_to_every_node(tree):
     assert all(bseries.size(t) == bseries.size(tree) + 1 for t in grafted)
 
 
-def _one_dimensional(tree, derivatives):
-    """An elementary differential in one dimension: a product over the nodes."""
-    value = derivatives[len(tree)]
-    for child in tree:
-        value *= _one_dimensional(child, derivatives)
-    return value
-
-
 @pytest.mark.parametrize("order", range(1, 6))
 def test_trees_collapse_to_the_sympy_derivation_in_one_dimension(order):
     x = symbolic.x
     derivatives = [sp.diff(symbolic.g(x), x, m) for m in range(order + 2)]
     from_trees = sum(
-        sp.Rational(c.numerator, c.denominator) * _one_dimensional(tree, derivatives)
+        sp.Rational(c.numerator, c.denominator) * bseries.collapse(tree, derivatives)
         for tree, c in bseries.counter_term_trees(order).items()
     )
     from_sympy = symbolic.counter_terms_1d(order)[order - 1]

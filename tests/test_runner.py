@@ -62,7 +62,8 @@ BAD_OVERRIDES = [
     ({"num_steps": 0}, "num_steps must be an integer >= 1; got num_steps=0"),
     ({"num_steps": 2.5}, "parameter 'num_steps' .* must be of type int"),
     ({"lrs": "0.1"}, "parameter 'lrs' .* must be of type list"),
-    ({"learning_rate": 0.1}, "has no parameter 'learning_rate'"),
+    ({"num_steps": True}, "parameter 'num_steps' .* must be of type int"),
+    ({"learning_rate": 0.1}, "no notebook here has a parameter 'learning_rate'"),
     ({"rtol": -1.0}, "rtol must be positive and finite; got rtol=-1.0"),
     ({"rtol": 0.0}, "rtol must be positive and finite; got rtol=0.0"),
     ({"dtype": "float32"}, r"rtol=1e-1\d is below what float32 resolves"),
@@ -89,6 +90,11 @@ def test_an_override_goes_to_the_notebooks_that_declare_it():
     with_it = [name for name, p in plans.items() if "num_steps" in p]
     assert with_it and all(plans[name]["num_steps"] == 7 for name in with_it)
     assert len(with_it) < len(plans)
+
+
+def test_an_integer_is_accepted_where_a_float_is_expected():
+    plans = runner.plan(ROOT, "quick", ["gd_gf_eom_digits"], {"rtol": 1})
+    assert plans["gd_gf_eom_digits"]["rtol"] == 1
 
 
 def test_an_unknown_profile_or_notebook_is_refused(tmp_path):
