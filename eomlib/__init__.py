@@ -40,6 +40,7 @@ from eomlib.models import (
     make_problem,
 )
 from eomlib.parameters import check_parameters
+from eomlib.symmetries import Symmetries, find_symmetries, with_weight_decay
 
 __version__ = "0.1.0"
 
@@ -69,7 +70,10 @@ __all__ = [
     "make_model",
     "make_problem",
     "roundoff_floor",
+    "Symmetries",
+    "find_symmetries",
     "savefig",
     "top_eigenvalue",
     "use_style",
+    "with_weight_decay",
 ]

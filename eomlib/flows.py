@@ -30,6 +30,11 @@ Field = Callable[[Tree], Tree]
 _SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
 
+def order_name(order: int) -> str:
+    """``GF`` for order 0, else ``EoM₁``, ``EoM₂``, ...: a flow's name in plain text."""
+    return "GF" if order == 0 else "EoM" + str(order).translate(_SUBSCRIPTS)
+
+
 class DivergenceError(FloatingPointError):
     """GD produced a non-finite value; the message names the step and learning rate."""
 
@@ -238,7 +243,7 @@ class Comparison:
         row["lr·λmax, end"] = self.lr * top_eigenvalue(loss, final)
         row["loss, end"] = loss(final).item()
         for order, distances in self.distances.items():
-            name = "GF" if order == 0 else "EoM" + str(order).translate(_SUBSCRIPTS)
+            name = order_name(order)
             row[f"{name} to GD, end"] = distances[-1].item()
         highest = max(self.distances)
         if 0 in self.distances and highest > 0:

@@ -1,14 +1,18 @@
 """Networks built from a seed, and their full-batch losses as functions of params.
 
-A network is driven through ``torch.func.functional_call`` with its buffers, so that
-its loss is a plain function of a dict of parameters that torch.func can
-differentiate. The module itself is never changed.
+A network is driven through ``torch.func.functional_call``, so that its loss is a
+plain function of a dict of parameters that torch.func can differentiate. The module
+itself is never changed. The ``bn_`` networks put a BatchNorm after every hidden
+layer, whose weights are then scale-invariant; in every network the last linear layer
+feeds the softmax, and is translation-invariant.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,18 +24,31 @@ from eomlib.derivatives import Loss
 
 ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus}
 
+# BatchNorm divides by sqrt(var + eps), which makes the weights before it
+# scale-invariant only up to a relative eps / var. PyTorch refuses eps = 0, so the
+# networks here use an eps far below what float64 resolves in var.
+NORM_EPS = 1e-20
+
 
 def _mlp(
     in_features: int,
     num_classes: int,
     hidden: Sequence[int] = (32,),
     activation: str = "tanh",
+    batch_norm: bool = False,
+    norm_eps: float = NORM_EPS,
 ) -> nn.Module:
+    """Linear layers and activations; with ``batch_norm``, each hidden linear layer
+    loses its bias and feeds a ``BatchNorm1d``, which makes its weight
+    scale-invariant."""
     check_choice(activation, "activation", ACTIVATIONS)
     widths = [in_features, *(check_int(w, "hidden width", 1) for w in hidden)]
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+        layers.append(nn.Linear(fan_in, fan_out, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(fan_out, eps=norm_eps))
+        layers.append(ACTIVATIONS[activation]())
     layers.append(nn.Linear(widths[-1], num_classes))
     return nn.Sequential(*layers)
 
@@ -41,27 +58,50 @@ def _cnn(
     num_classes: int,
     channels: int = 4,
     activation: str = "tanh",
+    blocks: int = 1,
+    batch_norm: bool = False,
+    norm_eps: float = NORM_EPS,
 ) -> nn.Module:
-    """A small convolutional network for square one-channel images given flat."""
+    """A convolutional network for square one-channel images given flat.
+
+    Each of ``blocks`` blocks is a 3x3 convolution, an activation and a 2x2 average
+    pooling; the channels double from one block to the next. With ``batch_norm``,
+    each convolution loses its bias and feeds a ``BatchNorm2d``.
+    """
     check_choice(activation, "activation", ACTIVATIONS)
+    check_int(channels, "channels", minimum=1)
+    check_int(blocks, "blocks", minimum=1)
     side = int(round(in_features**0.5))
     if side * side != in_features:
         raise ValueError(
             f"model 'cnn' needs square one-channel images; got {in_features} features"
         )
-    check_int(channels, "channels", minimum=1)
-    pooled = side // 2
-    return nn.Sequential(
-        nn.Unflatten(1, (1, side, side)),
-        nn.Conv2d(1, channels, kernel_size=3, padding=1),
-        ACTIVATIONS[activation](),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(channels * pooled * pooled, num_classes),
-    )
+    if side >> blocks == 0:
+        raise ValueError(
+            f"{blocks} pooling blocks shrink {side}x{side} images to nothing; "
+            f"use blocks <= {side.bit_length() - 1}"
+        )
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+    fan_in = 1
+    for block in range(blocks):
+        fan_out = channels * 2**block
+        layers.append(
+            nn.Conv2d(fan_in, fan_out, kernel_size=3, padding=1, bias=not batch_norm)
+        )
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(fan_out, eps=norm_eps))
+        layers += [ACTIVATIONS[activation](), nn.AvgPool2d(2)]
+        fan_in, side = fan_out, side // 2
+    layers += [nn.Flatten(), nn.Linear(fan_in * side * side, num_classes)]
+    return nn.Sequential(*layers)
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn}
+MODELS = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "bn_mlp": partial(_mlp, batch_norm=True),
+    "bn_cnn": partial(_cnn, batch_norm=True),
+}
 
 
 def make_model(
@@ -97,16 +137,59 @@ def make_model(
 def make_loss(model: nn.Module, data: Dataset) -> Loss:
     """The mean cross-entropy of ``model`` over all of ``data``, as ``loss(params)``.
 
-    ``params`` is a dict with the names of ``model.named_parameters()``. The buffers
-    are copied once, so evaluating the loss never changes the module.
+    ``params`` is a dict with the names of ``model.named_parameters()``. The loss runs
+    a private copy of the module, so evaluating or differentiating it never changes
+    ``model``, its buffers or its mode. In that copy every BatchNorm layer is
+    :class:`BatchNormFromPrimitives`: it normalises with the statistics of the full
+    batch, as in training mode, and keeps no running statistics, so the loss is a
+    deterministic function of ``params`` that every torch.func transform, ``vmap``
+    included, can take, with derivatives exact at every order.
     """
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    private = _with_decomposed_batch_norms(copy.deepcopy(model))
 
     def loss(params):
-        logits = functional_call(model, (params, buffers), (data.X,))
+        logits = functional_call(private, params, (data.X,))
         return nn.functional.cross_entropy(logits, data.y)
 
     return loss
+
+
+class BatchNormFromPrimitives(nn.Module):
+    """Training-mode batch normalisation written with elementary operations.
+
+    Its value is that of ``nn.BatchNorm1d/2d/3d`` in training mode: each channel is
+    centred and divided by ``sqrt(var + eps)``, with the mean and the biased variance
+    of the batch, then scaled and shifted by the module's own ``weight`` and
+    ``bias``. It exists for its derivatives: PyTorch's fused ``batch_norm`` gives
+    correct first and second derivatives but wrong third and higher ones, in both
+    reverse and forward mode (pytorch/pytorch#186256 and #196699), and the counter
+    terms need them all.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - x.mean(dims, keepdim=True)
+        var = centred.pow(2).mean(dims, keepdim=True)
+        out = centred * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def _with_decomposed_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` with each BatchNorm swapped, in place, for its decomposition."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, BatchNormFromPrimitives(child))
+        else:
+            _with_decomposed_batch_norms(child)
+    return module
 
 
 def initial_params(model: nn.Module) -> dict[str, torch.Tensor]:

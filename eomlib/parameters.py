@@ -29,6 +29,11 @@ CHECKS = {
     "activation": lambda v: _checks.check_choice(v, "activation", ACTIVATIONS),
     "hidden": lambda v: [_checks.check_int(w, "hidden width", 1) for w in v],
     "profile": lambda v: _checks.check_choice(v, "profile", PROFILES),
+    "channels": lambda v: _checks.check_int(v, "channels", minimum=1),
+    "blocks": lambda v: _checks.check_int(v, "blocks", minimum=1),
+    "table_steps": lambda v: [_checks.check_int(k, "table step") for k in v],
+    "decay_steps": lambda v: _checks.check_int(v, "decay_steps", minimum=1),
+    "weight_decay": lambda v: _checks.check_lr(v, "weight_decay"),
 }
 
 

@@ -59,7 +59,7 @@ def test_differentiating_the_loss_leaves_the_module_unchanged():
     [
         (
             lambda: eomlib.make_model("resnet", 64, 10),
-            "unknown model 'resnet'; allowed: cnn, mlp",
+            "unknown model 'resnet'; allowed: bn_cnn, bn_mlp, cnn, mlp",
         ),
         (
             lambda: eomlib.make_model("mlp", 64, 10, seed=-1),
@@ -75,3 +75,58 @@ def test_differentiating_the_loss_leaves_the_module_unchanged():
 def test_bad_model_arguments_are_named_in_the_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.fixture(params=["bn_mlp", "bn_cnn"])
+def bn_problem(request):
+    options = {"bn_mlp": {"hidden": (5,)}, "bn_cnn": {"channels": 2}}[request.param]
+    return eomlib.make_problem(
+        request.param,
+        "digits",
+        seed=2,
+        num_samples=40,
+        dtype="float64",
+        **options,
+    )
+
+
+def test_batchnorm_networks_go_through_hvp_and_counter_terms_leaving_the_module(
+    bn_problem,
+):
+    module = bn_problem.model
+    module.eval()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    g = eomlib.grad(bn_problem.loss, bn_problem.params)
+    eomlib.hvp(bn_problem.loss, bn_problem.params, g)
+    eomlib.counter_terms(bn_problem.loss, bn_problem.params, 3)
+    stacked = {n: torch.stack([p, 2 * p]) for n, p in bn_problem.params.items()}
+    losses = torch.func.vmap(bn_problem.loss)(stacked)
+    torch.testing.assert_close(losses[0], bn_problem.loss(bn_problem.params))
+    assert not module.training
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+
+
+def test_batchnorm_normalises_with_the_full_batch_like_training_mode(bn_problem):
+    module = bn_problem.model
+    module.train()
+    expected = nn.functional.cross_entropy(module(bn_problem.data.X), bn_problem.data.y)
+    torch.testing.assert_close(bn_problem.loss(bn_problem.params), expected)
+
+
+def test_third_derivatives_through_batchnorm_match_finite_differences(bn_problem):
+    """D^2 g[v, v] against a central difference of Hessian-vector products: the
+    fused batch_norm of PyTorch gets this wrong (pytorch/pytorch#186256)."""
+    loss, params = bn_problem.loss, bn_problem.params
+    v = eomlib.grad(loss, params)
+    h = 1e-4
+    plus = {n: p + h * v[n] for n, p in params.items()}
+    minus = {n: p - h * v[n] for n, p in params.items()}
+    hvp_plus = eomlib.hvp(loss, plus, v, method="reverse")
+    hvp_minus = eomlib.hvp(loss, minus, v, method="reverse")
+    for method in ("forward", "reverse"):
+        third = eomlib.grad_derivative(loss, params, [v, v], method=method)
+        for n in params:
+            difference = (hvp_plus[n] - hvp_minus[n]) / (2 * h)
+            scale = difference.abs().max().item() + 1e-12
+            assert (third[n] - difference).abs().max().item() < 1e-6 * scale

@@ -57,7 +57,7 @@ BAD_OVERRIDES = [
         "lrs\\[1\\] must be positive and finite; got lrs\\[1\\]=-0.05",
     ),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; allowed: cifar10, digits"),
-    ({"model": "transformer"}, "unknown model 'transformer'; allowed: cnn, mlp"),
+    ({"model": "transformer"}, "unknown model 'transformer'; allowed: bn_cnn, bn_mlp, cnn, mlp"),
     ({"dtype": "float16"}, "unknown dtype 'float16'; allowed: float32, float64"),
     ({"num_steps": 0}, "num_steps must be an integer >= 1; got num_steps=0"),
     ({"num_steps": 2.5}, "parameter 'num_steps' .* must be of type int"),
