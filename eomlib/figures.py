@@ -196,11 +196,16 @@ def markdown_table(rows: list[dict], formats: dict[str, str] | None = None) -> s
     """
     formats = formats or {}
     columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    lines = [_table_row(columns), "|" + "---:|" * len(columns)]
     for row in rows:
         cells = [
             format(row[c], formats.get(c, ".3g" if isinstance(row[c], float) else ""))
             for c in columns
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     return "\n".join(lines)
+
+
+def _table_row(cells: list[str]) -> str:
+    # A bar inside a cell (|w|², |diff|) would end the cell: escape it.
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"

@@ -106,7 +106,14 @@ def resolve_parameters(
             )
         for key, value in values.items():
             _check_type(name, source, key, value, defaults)
-        _check_values(name, source, values)
+        # A profile value that -p replaces is never used, so it is not checked:
+        # `--profile full -p device cpu` runs on a machine without a GPU.
+        used = {
+            key: value
+            for key, value in values.items()
+            if values is overrides or key not in overrides
+        }
+        _check_values(name, source, used)
         parameters.update(values)
     parameters["profile"] = profile
     _check_values(name, "the combined parameters", parameters)

@@ -170,13 +170,23 @@ def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
     return fields
 
 
-def norm_rates(loss: Loss, params: Tree, lr: float, orders, names) -> dict[int, float]:
-    """``d |w|^2 / dt = 2 w . F_K(params)``, summed over ``names``, for the field
-    ``F_K`` of each order K (0 is GF): the instantaneous rate of each flow."""
+def norm_rates(
+    loss: Loss, params: Tree, lr: float, orders, groups: dict[str, list[str]]
+) -> dict[str, dict[int, float]]:
+    """The instantaneous rate of each group's squared norm under each flow.
+
+    For the field ``F_K`` of each order K in ``orders`` (0 is GF), the rate is
+    ``d |w|^2 / dt = 2 w . F_K(params)``, summed over the parameters of a group
+    (``groups`` as in :func:`one_step_changes`). The counter terms are evaluated
+    once, for the highest order.
+    """
     fields = flow_fields(loss, params, lr, orders)
     return {
-        order: sum(2 * (params[n] * field[n]).sum().item() for n in names)
-        for order, field in fields.items()
+        group: {
+            order: sum(2 * (params[n] * field[n]).sum().item() for n in names)
+            for order, field in fields.items()
+        }
+        for group, names in groups.items()
     }
 
 
@@ -191,18 +201,30 @@ def one_step(loss: Loss, params: Tree, lr: float, order: int | None, **solver) -
 
 
 def one_step_changes(
-    loss: Loss, params: Tree, lr: float, orders, names, **solver
-) -> dict[str | int, float]:
-    """The change of ``sum |w|^2`` over ``names`` in one step from ``params``: under
-    GD (key ``"GD"``) and under the EoM of each order (0 is GF) over a time ``lr``."""
-    before = sq_norm(params, names)
-    changes: dict[str | int, float] = {
-        "GD": sq_norm(one_step(loss, params, lr, None), names) - before
-    }
+    loss: Loss, params: Tree, lr: float, orders, groups: dict[str, list[str]], **solver
+) -> dict[str, dict[str | int, float]]:
+    """How much one step from ``params`` changes each group's squared norm.
+
+    Args:
+        groups: named lists of parameter names, such as ``{"last layer":
+            ["6.weight", "6.bias"]}``; a group's squared norm is the sum over its
+            parameters.
+        orders: the flows to integrate over a time ``lr`` (0 is GF).
+
+    Returns:
+        For each group, the change under GD (key ``"GD"``) and under the EoM of each
+        order. Each flow is integrated once, whatever the number of groups.
+    """
+    after = {"GD": one_step(loss, params, lr, None)}
     for order in orders:
-        after = one_step(loss, params, lr, order, **solver)
-        changes[order] = sq_norm(after, names) - before
-    return changes
+        after[order] = one_step(loss, params, lr, order, **solver)
+    return {
+        group: {
+            model: sq_norm(moved, names) - sq_norm(params, names)
+            for model, moved in after.items()
+        }
+        for group, names in groups.items()
+    }
 
 
 def class_sum_rates(
@@ -279,7 +301,7 @@ def flow_equilibrium_sq_norm(
     def rate(sq: float) -> float:
         moved = dict(params)
         moved[name] = math.sqrt(sq) * direction
-        return norm_rates(loss, moved, lr, [order], [name])[order]
+        return norm_rates(loss, moved, lr, [order], {name: [name]})[name][order]
 
     low, high = guess / 2, guess * 2
     for _ in range(30):

@@ -76,3 +76,9 @@ def test_markdown_table_writes_one_row_per_dict():
         "| 0.1 | 2.5 |",
         "| 0.2 | 3 |",
     ]
+
+
+def test_markdown_table_escapes_bars_inside_cells():
+    table = eomlib.figures.markdown_table([{"|w|²": "|g|", "x": 1.0}])
+    assert table.splitlines()[0] == "| \\|w\\|² | x |"
+    assert table.splitlines()[2] == "| \\|g\\| | 1 |"

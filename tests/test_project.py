@@ -1,8 +1,12 @@
-"""The project's own files: conda and pip name the same dependencies."""
+"""The project's own files: conda and pip name the same dependencies, and the
+notebooks' code is clean."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -48,3 +52,19 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
+
+
+@pytest.mark.parametrize(
+    "notebook", sorted(p.name for p in (ROOT / "notebooks").glob("*.md"))
+)
+def test_notebook_code_has_no_unused_or_undefined_names(notebook, tmp_path):
+    jupytext = pytest.importorskip("jupytext")
+    script = tmp_path / "notebook.py"
+    jupytext.write(jupytext.read(ROOT / "notebooks" / notebook), script, fmt="py")
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run(
+        [str(ruff), "check", "--isolated", "--select", "F", str(script)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout

@@ -51,13 +51,25 @@ def test_the_quick_profile_of_every_notebook_passes_the_checks(name):
     assert parameters["profile"] == "quick"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_full_profile_with_device_cpu_passes_the_checks_on_any_machine(name):
+    notebook = runner.read_notebook(ROOT, name)
+    if "device" not in runner.declared_parameters(notebook, name):
+        pytest.skip(f"{name} has no device parameter")
+    parameters = runner.resolve_parameters(notebook, name, "full", {"device": "cpu"})
+    assert parameters["device"] == "cpu"
+
+
 BAD_OVERRIDES = [
     (
         {"lrs": [0.1, -0.05]},
         "lrs\\[1\\] must be positive and finite; got lrs\\[1\\]=-0.05",
     ),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; allowed: cifar10, digits"),
-    ({"model": "transformer"}, "unknown model 'transformer'; allowed: bn_cnn, bn_mlp, cnn, mlp"),
+    (
+        {"model": "transformer"},
+        "unknown model 'transformer'; allowed: bn_cnn, bn_mlp, cnn, mlp",
+    ),
     ({"dtype": "float16"}, "unknown dtype 'float16'; allowed: float32, float64"),
     ({"num_steps": 0}, "num_steps must be an integer >= 1; got num_steps=0"),
     ({"num_steps": 2.5}, "parameter 'num_steps' .* must be of type int"),

@@ -79,7 +79,7 @@ def test_the_class_sums_of_g_and_hg_vanish_for_the_softmax_layer(seed):
 def test_a_gd_step_grows_a_scale_invariant_norm_by_exactly_lr_sq_g_sq():
     loss, params = scale_invariant_case(0)
     for lr in (0.01, 0.3, 2.0):
-        changes = sym.one_step_changes(loss, params, lr, [], ["w"])
+        changes = sym.one_step_changes(loss, params, lr, [], {"w": ["w"]})["w"]
         g_sq = eomlib.grad(loss, params)["w"].pow(2).sum().item()
         assert changes["GD"] == pytest.approx(lr**2 * g_sq, rel=1e-12)
 
@@ -87,7 +87,7 @@ def test_a_gd_step_grows_a_scale_invariant_norm_by_exactly_lr_sq_g_sq():
 def test_gf_keeps_a_scale_invariant_norm_and_eom1_grows_it_at_lr_g_sq():
     loss, params = scale_invariant_case(1)
     lr = 0.1
-    rates = sym.norm_rates(loss, params, lr, [0, 1], ["w"])
+    rates = sym.norm_rates(loss, params, lr, [0, 1], {"w": ["w"]})["w"]
     g_sq = eomlib.grad(loss, params)["w"].pow(2).sum().item()
     assert abs(rates[0]) < 1e-14
     assert rates[1] == pytest.approx(lr * g_sq, rel=1e-12)
@@ -99,7 +99,8 @@ def test_the_eoms_one_step_norm_change_meets_gds_at_rate_lr_to_the_k_plus_2(orde
     lrs = [0.02, 0.01, 0.005, 0.0025]
     gaps = []
     for lr in lrs:
-        changes = sym.one_step_changes(loss, params, lr, [order], ["w"], **SOLVE)
+        changes = sym.one_step_changes(loss, params, lr, [order], {"w": ["w"]}, **SOLVE)
+        changes = changes["w"]
         gaps.append(abs(changes[order] - changes["GD"]))
     floor = 1e3 * torch.finfo(torch.float64).eps * sym.sq_norm(params, ["w"])
     assert fit_slope(lrs, gaps, floor) == pytest.approx(order + 2, abs=0.15)
