@@ -154,6 +154,8 @@ def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
     (0 is GF), from one evaluation of the counter terms up to the highest order."""
     lr = check_lr(lr)
     orders = sorted({check_order(order) for order in orders})
+    if not orders:
+        raise ValueError("orders must name at least one order (0 is GF)")
     if orders[-1] == 0:
         return {0: _tree.scale(-1.0, grad(loss, params))}
     g, xis = counter_terms_and_grad(loss, params, orders[-1])

@@ -199,3 +199,9 @@ def test_batchnorm_networks_have_the_symmetries_that_find_symmetries_names(
 def test_networks_without_batchnorm_have_no_scale_invariant_weights():
     model = eomlib.make_model("mlp", 64, 10, hidden=(4,))
     assert sym.find_symmetries(model) == sym.Symmetries((), ("2.weight", "2.bias"))
+
+
+def test_flow_fields_needs_at_least_one_order():
+    loss, params = scale_invariant_case(0)
+    with pytest.raises(ValueError, match="at least one order"):
+        sym.flow_fields(loss, params, 0.1, [])
