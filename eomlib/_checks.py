@@ -25,6 +25,15 @@ def check_lr(lr, name: str = "lr") -> float:
     return float(lr)
 
 
+def check_nonnegative(value, name: str) -> float:
+    """A finite real number, zero or more (a weight decay, say)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0; got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0; got {name}={value!r}")
+    return float(value)
+
+
 def check_lrs(lrs, name: str = "lrs") -> list[float]:
     """A non-empty list of learning rates."""
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Iterable):

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from eomlib._checks import check_choice, check_int, resolve_device, resolve_dtype
+from eomlib._checks import (
+    check_choice,
+    check_int,
+    check_lr,
+    resolve_device,
+    resolve_dtype,
+)
 from eomlib.data import Dataset, load_dataset
 from eomlib.derivatives import Loss
 
@@ -43,6 +49,8 @@ def _mlp(
     scale-invariant."""
     check_choice(activation, "activation", ACTIVATIONS)
     widths = [in_features, *(check_int(w, "hidden width", 1) for w in hidden)]
+    if batch_norm:
+        check_lr(norm_eps, "norm_eps")
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):
         layers.append(nn.Linear(fan_in, fan_out, bias=not batch_norm))
@@ -71,10 +79,13 @@ def _cnn(
     check_choice(activation, "activation", ACTIVATIONS)
     check_int(channels, "channels", minimum=1)
     check_int(blocks, "blocks", minimum=1)
+    if batch_norm:
+        check_lr(norm_eps, "norm_eps")
     side = int(round(in_features**0.5))
     if side * side != in_features:
         raise ValueError(
-            f"model 'cnn' needs square one-channel images; got {in_features} features"
+            "a convolutional network here needs square one-channel images; got "
+            f"{in_features} features"
         )
     if side >> blocks == 0:
         raise ValueError(
@@ -146,8 +157,15 @@ def make_loss(model: nn.Module, data: Dataset) -> Loss:
     included, can take, with derivatives exact at every order.
     """
     private = _with_decomposed_batch_norms(copy.deepcopy(model))
+    names = {name for name, _ in private.named_parameters()}
 
     def loss(params):
+        if params.keys() != names:
+            raise KeyError(
+                f"params must name exactly the model's parameters; missing "
+                f"{sorted(names - params.keys())}, unknown "
+                f"{sorted(params.keys() - names)}"
+            )
         logits = functional_call(private, params, (data.X,))
         return nn.functional.cross_entropy(logits, data.y)
 

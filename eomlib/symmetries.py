@@ -32,7 +32,7 @@ from scipy.optimize import brentq
 from torch import nn
 
 from eomlib import _tree
-from eomlib._checks import check_lr
+from eomlib._checks import check_choice, check_lr, check_nonnegative
 from eomlib._tree import Tree
 from eomlib.counter_terms import check_order, counter_terms_and_grad
 from eomlib.derivatives import Loss, grad, hvp
@@ -92,9 +92,9 @@ def with_weight_decay(loss: Loss, weight_decay: float) -> Loss:
     GD on it is SGD with (coupled) weight decay: ``params - lr (g + weight_decay
     params)``. A ``weight_decay`` of zero returns ``loss`` itself.
     """
+    weight_decay = check_nonnegative(weight_decay, "weight_decay")
     if weight_decay == 0:
         return loss
-    weight_decay = check_lr(weight_decay, "weight_decay")
 
     def decayed(params: Tree) -> torch.Tensor:
         return loss(params) + 0.5 * weight_decay * _tree.dot(params, params)
@@ -116,7 +116,7 @@ def class_sum(params: Tree, name: str) -> torch.Tensor:
 def identities(loss: Loss, params: Tree, symmetries: Symmetries) -> list[dict]:
     """Each identity that ``symmetries`` implies, measured at ``params``.
 
-    For a scale-invariant ``w``: ``w . g = 0`` and ``w . (H g) = -|g|^2``. For the
+    For a scale-invariant ``w``: ``w . g = 0`` and ``w . (H g) = -|g_w|^2``. For the
     translation-invariant layer: ``sum_c g_c = 0`` and ``sum_c (H g)_c = 0``. Each
     row gives both sides and their difference relative to the size of the terms
     involved, which is round-off when the symmetry holds.
@@ -130,7 +130,9 @@ def identities(loss: Loss, params: Tree, symmetries: Symmetries) -> list[dict]:
         w_dot_g = (w * gw).sum().item()
         w_dot_Hg = (w * Hgw).sum().item()
         rows.append(_row(name, "w·g = 0", w_dot_g, 0.0, w.norm() * gw.norm()))
-        rows.append(_row(name, "w·Hg = −|g|²", w_dot_Hg, -g_sq, w.norm() * Hgw.norm()))
+        rows.append(
+            _row(name, "w·Hg = −|g_w|²", w_dot_Hg, -g_sq, w.norm() * Hgw.norm())
+        )
     for name in symmetries.translation:
         for label, value in (("Σ_c g_c = 0", g[name]), ("Σ_c (Hg)_c = 0", Hg[name])):
             total = value.sum(dim=0).abs().max().item()
@@ -247,43 +249,61 @@ def class_sum_rate_series(lr: float, weight_decay: float, order: int | None) -> 
     """The exponential rate of the class sum under weight decay, in closed form.
 
     ``order=None`` is GD: ``log(1 - lr weight_decay) / lr``, the rate at which
-    ``(1 - lr weight_decay)^k`` falls per unit time ``t = k lr``. An integer order K
-    gives the EoM's, the first ``K + 1`` terms of that logarithm's series (order 0,
-    GF, is ``-weight_decay``).
+    ``(1 - lr weight_decay)^k`` falls per unit time ``t = k lr``; it needs
+    ``lr weight_decay < 1``, beyond which GD flips the sign of the class sum at
+    every step. An integer order K gives the EoM's, the first ``K + 1`` terms of
+    that logarithm's series (order 0, GF, is ``-weight_decay``).
     """
+    lr, lam = check_lr(lr), check_nonnegative(weight_decay, "weight_decay")
     if order is None:
-        return math.log1p(-lr * weight_decay) / lr
-    return -sum(lr ** (j - 1) * weight_decay**j / j for j in range(1, order + 2))
+        if lr * lam >= 1:
+            raise ValueError(
+                f"GD multiplies the class sum by 1 - lr weight_decay = "
+                f"{1 - lr * lam:g} a step, which has no real exponential rate; "
+                "use lr * weight_decay < 1"
+            )
+        return math.log1p(-lr * lam) / lr
+    order = check_order(order)
+    return -sum(lr ** (j - 1) * lam**j / j for j in range(1, order + 2))
 
 
 def scale_free_grad_sq(loss: Loss, params: Tree, name: str) -> float:
     """``|g_w|^2 |w|^2`` for a scale-invariant ``w = params[name]``: the squared
-    gradient that ``w`` would have at unit norm (``g`` scales like ``1 / |w|``)."""
+    gradient that ``w`` would have at unit norm (``g_w`` scales like ``1 / |w|``)."""
     gw = grad(loss, params)[name]
     return gw.pow(2).sum().item() * params[name].pow(2).sum().item()
 
 
-def equilibrium_sq_norm(
-    g_hat_sq: float, lr: float, weight_decay: float, model: str
-) -> float:
-    """The ``|w|^2`` at which weight decay balances the growth of a scale-invariant
-    ``w``, for a fixed scale-free squared gradient ``g_hat_sq``, in closed form.
+EQUILIBRIA = ("gd", "eom1", "leading")
 
-    * ``"gd"``: one step maps ``|w|^2`` to ``(1 - lr lam)^2 |w|^2 + lr^2 |g|^2``
-      with ``|g|^2 = g_hat_sq / |w|^2``; it is fixed where
-      ``|w|^4 = lr g_hat_sq / (lam (2 - lr lam))``.
+
+def equilibrium_sq_norm(
+    g_hat_sq: float, lr: float, weight_decay: float, dynamics: str
+) -> float:
+    """The ``|w|^2`` at which weight decay ``lam`` balances the growth of a
+    scale-invariant ``w``, for a fixed scale-free squared gradient ``g_hat_sq``
+    (:func:`scale_free_grad_sq`), in closed form, for one of ``EQUILIBRIA``:
+
+    * ``"gd"``: one step maps ``|w|^2`` to ``(1 - lr lam)^2 |w|^2 + lr^2 |g_w|^2``
+      with ``|g_w|^2 = g_hat_sq / |w|^2``; it is fixed where
+      ``|w|^4 = lr g_hat_sq / (lam (2 - lr lam))``, which needs ``lr lam < 2``.
     * ``"eom1"``: the first-order EoM's rate, ``-(2 lam + lr lam^2) |w|^2 +
-      lr |g|^2``, vanishes where ``|w|^4 = lr g_hat_sq / (lam (2 + lr lam))``.
+      lr |g_w|^2``, vanishes where ``|w|^4 = lr g_hat_sq / (lam (2 + lr lam))``.
     * ``"leading"``: both to leading order in ``lr lam``,
       ``|w|^4 = lr g_hat_sq / (2 lam)``.
 
     Gradient flow has none: its rate is ``-2 lam |w|^2``, and the norm decays to 0.
     """
-    lam = check_lr(weight_decay, "weight_decay")
-    denominators = {"gd": 2 - lr * lam, "eom1": 2 + lr * lam, "leading": 2.0}
-    if model not in denominators:
-        raise ValueError(f"unknown model {model!r}; allowed: gd, eom1, leading")
-    return math.sqrt(lr * g_hat_sq / (lam * denominators[model]))
+    lr, lam = check_lr(lr), check_lr(weight_decay, "weight_decay")
+    g_hat_sq = check_lr(g_hat_sq, "g_hat_sq")
+    check_choice(dynamics, "dynamics", EQUILIBRIA)
+    if dynamics == "gd" and lr * lam >= 2:
+        raise ValueError(
+            f"with lr * weight_decay = {lr * lam:g} >= 2 GD's decay alone is "
+            "unstable and its norm map has no fixed point"
+        )
+    denominator = {"gd": 2 - lr * lam, "eom1": 2 + lr * lam, "leading": 2.0}
+    return math.sqrt(lr * g_hat_sq / (lam * denominator[dynamics]))
 
 
 def flow_equilibrium_sq_norm(
@@ -292,12 +312,15 @@ def flow_equilibrium_sq_norm(
     """The ``|w|^2`` at which the EoM of ``order`` stops changing the norm of the
     scale-invariant ``w = params[name]``, found along the ray ``c w / |w|`` with the
     other parameters held: the root in ``|w|^2`` of :func:`norm_rates` (Brent's
-    method, started from a bracket around ``guess``).
+    method, from a bracket grown around ``guess``).
 
-    ``loss`` must include the weight decay (:func:`with_weight_decay`); without it
-    the rate of any order is never negative and there is no root.
+    The root sought is a stable one: the rate positive below it and negative above,
+    as weight decay makes it (:func:`with_weight_decay`) for the first order. A
+    higher order can change sign elsewhere, or not at all; then no bracket is found
+    within a factor ``2^30`` of ``guess`` and the error says which side failed.
     """
     check_order(order, minimum=1)
+    lr, guess = check_lr(lr), check_lr(guess, "guess")
     direction = params[name] / params[name].norm()
 
     def rate(sq: float) -> float:
@@ -305,18 +328,26 @@ def flow_equilibrium_sq_norm(
         moved[name] = math.sqrt(sq) * direction
         return norm_rates(loss, moved, lr, [order], {name: [name]})[name][order]
 
-    low, high = guess / 2, guess * 2
-    for _ in range(30):
-        if rate(low) > 0:
-            break
-        low /= 2
-    for _ in range(30):
-        if rate(high) < 0:
-            break
-        high *= 2
-    else:
+    low = _grow(rate, guess / 2, 0.5, lambda r: r > 0)
+    if low is None:
+        raise ValueError(
+            f"the EoM of order {order} shrinks |{name}|^2 at every norm down to "
+            f"{guess / 2**31:.3g}: no stable equilibrium below {guess:.3g}"
+        )
+    high = _grow(rate, guess * 2, 2.0, lambda r: r < 0)
+    if high is None:
         raise ValueError(
             f"the EoM of order {order} grows |{name}|^2 at every norm up to "
-            f"{high:.3g}; is weight decay in the loss (with_weight_decay)?"
+            f"{guess * 2**31:.3g}; is weight decay in the loss (with_weight_decay)?"
         )
     return brentq(rate, low, high, xtol=1e-14 * guess, rtol=1e-12)
+
+
+def _grow(rate, start: float, factor: float, accept) -> float | None:
+    """The first ``start * factor^i`` (i < 30) whose rate ``accept`` takes."""
+    value = start
+    for _ in range(30):
+        if accept(rate(value)):
+            return value
+        value *= factor
+    return None

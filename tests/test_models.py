@@ -130,3 +130,18 @@ def test_third_derivatives_through_batchnorm_match_finite_differences(bn_problem
             difference = (hvp_plus[n] - hvp_minus[n]) / (2 * h)
             scale = difference.abs().max().item() + 1e-12
             assert (third[n] - difference).abs().max().item() < 1e-6 * scale
+
+
+def test_a_loss_refuses_params_that_do_not_name_the_models_parameters():
+    problem = eomlib.make_problem("bn_mlp", num_samples=20, hidden=(3,))
+    partial = dict(problem.params)
+    partial.pop("0.weight")
+    with pytest.raises(KeyError, match=r"missing \['0.weight'\], unknown \[\]"):
+        problem.loss(partial)
+    with pytest.raises(KeyError, match=r"unknown \['1.running_mean'\]"):
+        problem.loss(problem.params | {"1.running_mean": torch.zeros(3)})
+
+
+def test_batchnorm_needs_a_positive_eps():
+    with pytest.raises(ValueError, match="norm_eps must be positive"):
+        eomlib.make_model("bn_mlp", 64, 10, norm_eps=0.0)

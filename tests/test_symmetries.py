@@ -58,7 +58,7 @@ def translation_invariant_case(seed: int):
 def test_scale_invariant_weights_are_orthogonal_to_g_and_w_dot_hg_is_minus_g_sq(seed):
     loss, params = scale_invariant_case(seed)
     rows = sym.identities(loss, params, sym.Symmetries(scale=("w",), translation=()))
-    assert [r["identity"] for r in rows] == ["w·g = 0", "w·Hg = −|g|²"]
+    assert [r["identity"] for r in rows] == ["w·g = 0", "w·Hg = −|g_w|²"]
     for row in rows:
         assert row["relative gap"] < 1e-13, row
 
@@ -168,12 +168,25 @@ def test_without_weight_decay_there_is_no_equilibrium_and_the_error_says_why():
         sym.flow_equilibrium_sq_norm(loss, params, "w", 0.1, 1, guess=1.0)
 
 
-def test_bad_weight_decay_and_model_names_are_refused():
-    loss, _ = scale_invariant_case(0)
-    with pytest.raises(ValueError, match="weight_decay"):
+def test_bad_weight_decays_learning_rates_and_names_are_refused():
+    loss, params = scale_invariant_case(0)
+    assert sym.with_weight_decay(loss, 0) is loss
+    with pytest.raises(ValueError, match="weight_decay must be finite and >= 0"):
         sym.with_weight_decay(loss, -0.1)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(TypeError, match="weight_decay must be a real number"):
+        sym.with_weight_decay(loss, False)
+    with pytest.raises(ValueError, match="unknown dynamics 'adam'"):
         sym.equilibrium_sq_norm(1.0, 0.1, 0.1, "adam")
+    with pytest.raises(ValueError, match="no fixed point"):
+        sym.equilibrium_sq_norm(1.0, 1.0, 2.5, "gd")
+    with pytest.raises(ValueError, match="no real exponential rate"):
+        sym.class_sum_rate_series(1.0, 1.0, None)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        sym.class_sum_rate_series(0.0, 0.1, 2)
+    with pytest.raises(ValueError, match="order"):
+        sym.class_sum_rate_series(0.1, 0.1, -1)
+    with pytest.raises(ValueError, match="guess must be positive"):
+        sym.flow_equilibrium_sq_norm(loss, params, "w", 0.1, 1, guess=0.0)
 
 
 @pytest.mark.parametrize(
