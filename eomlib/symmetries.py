@@ -60,10 +60,11 @@ def find_symmetries(model: nn.Module) -> Symmetries:
     ``nn.Sequential``).
 
     A linear or convolutional layer without bias directly followed by a BatchNorm
-    has a scale-invariant weight; the last layer with parameters, when it is linear,
-    is translation-invariant under the softmax cross-entropy. The order of
-    definition is only a proxy for the order of execution: :func:`identities`
-    measures whether the symmetries hold.
+    has a scale-invariant weight; the last layer, when it is linear, is
+    translation-invariant under the softmax cross-entropy. The order of definition
+    is only a proxy for the order of execution, so a model that is not a plain
+    sequence of layers may get fewer symmetries than it has: :func:`identities`
+    measures whether those named hold.
 
     Example:
         >>> from eomlib.models import make_model
@@ -78,10 +79,9 @@ def find_symmetries(model: nn.Module) -> Symmetries:
         and layer.bias is None
         and isinstance(after, nn.modules.batchnorm._BatchNorm)
     )
-    with_params = [(n, m) for n, m in leaves if next(m.parameters(), None) is not None]
     translation: tuple[str, ...] = ()
-    if with_params and isinstance(with_params[-1][1], nn.Linear):
-        name, last = with_params[-1]
+    if leaves and isinstance(leaves[-1][1], nn.Linear):
+        name, last = leaves[-1]
         translation = tuple(f"{name}.{p}" for p, _ in last.named_parameters())
     return Symmetries(scale=scale, translation=translation)
 

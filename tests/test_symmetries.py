@@ -218,3 +218,8 @@ def test_flow_fields_needs_at_least_one_order():
     loss, params = scale_invariant_case(0)
     with pytest.raises(ValueError, match="at least one order"):
         sym.flow_fields(loss, params, 0.1, [])
+
+
+def test_a_linear_layer_followed_by_an_activation_is_not_called_translation_invariant():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    assert sym.find_symmetries(model).translation == ()
