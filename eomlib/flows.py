@@ -63,17 +63,30 @@ def eom_field(loss: Loss, lr: float, order: int, *, method: str = "autodiff") ->
 
 
 def _autodiff_field(loss: Loss, lr: float, order: int) -> Field:
-    if order == 0:
-        return lambda params: _tree.scale(-1.0, grad(loss, params))
+    return lambda params: flow_fields(loss, params, lr, [order])[order]
 
-    def field(params: Tree) -> Tree:
-        g, xis = counter_terms_and_grad(loss, params, order)
-        correction = xis[-1]
-        for xi in reversed(xis[:-1]):  # Horner: xi_1 + lr (xi_2 + lr (...))
-            correction = _tree.axpy(lr, correction, xi)
-        return _tree.scale(-1.0, _tree.axpy(lr, correction, g))
 
-    return field
+def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
+    """The field ``d params/dt`` at ``params`` of the EoM of each order in ``orders``
+    (0 is GF), from one evaluation of the counter terms up to the highest order."""
+    lr = check_lr(lr)
+    orders = sorted({check_order(order) for order in orders})
+    if not orders:
+        raise ValueError("orders must name at least one order (0 is GF)")
+    if orders[-1] == 0:
+        return {0: _tree.scale(-1.0, grad(loss, params))}
+    g, xis = counter_terms_and_grad(loss, params, orders[-1])
+    fields, correction = {}, None
+    for order in range(orders[-1] + 1):
+        if order > 0:
+            term = _tree.scale(lr**order, xis[order - 1])
+            correction = (
+                term if correction is None else _tree.axpy(1.0, term, correction)
+            )
+        if order in orders:
+            total = g if correction is None else _tree.axpy(1.0, correction, g)
+            fields[order] = _tree.scale(-1.0, total)
+    return fields
 
 
 def _iterates_field(loss: Loss, lr: float, order: int) -> Field:

@@ -34,9 +34,9 @@ from torch import nn
 from eomlib import _tree
 from eomlib._checks import check_choice, check_lr, check_nonnegative
 from eomlib._tree import Tree
-from eomlib.counter_terms import check_order, counter_terms_and_grad
+from eomlib.counter_terms import check_order
 from eomlib.derivatives import Loss, grad, hvp
-from eomlib.flows import eom_trajectory
+from eomlib.flows import eom_trajectory, flow_fields
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -149,29 +149,6 @@ def _row(name: str, identity: str, lhs: float, rhs: float, size) -> dict:
         "right side": rhs,
         "relative gap": abs(lhs - rhs) / size if size > 0 else abs(lhs - rhs),
     }
-
-
-def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
-    """The field ``d params/dt`` at ``params`` of the EoM of each order in ``orders``
-    (0 is GF), from one evaluation of the counter terms up to the highest order."""
-    lr = check_lr(lr)
-    orders = sorted({check_order(order) for order in orders})
-    if not orders:
-        raise ValueError("orders must name at least one order (0 is GF)")
-    if orders[-1] == 0:
-        return {0: _tree.scale(-1.0, grad(loss, params))}
-    g, xis = counter_terms_and_grad(loss, params, orders[-1])
-    fields, correction = {}, None
-    for order in range(orders[-1] + 1):
-        if order > 0:
-            term = _tree.scale(lr**order, xis[order - 1])
-            correction = (
-                term if correction is None else _tree.axpy(1.0, term, correction)
-            )
-        if order in orders:
-            total = g if correction is None else _tree.axpy(1.0, correction, g)
-            fields[order] = _tree.scale(-1.0, total)
-    return fields
 
 
 def norm_rates(

@@ -6,7 +6,7 @@ import torch
 
 import eomlib
 from eomlib import _tree
-from tests.conftest import ATOL
+from tests.conftest import ATOL, _tensor_cubic
 
 
 def _quadratic(eigenvalues=(1.0, 0.25), dtype=torch.float64):
@@ -213,3 +213,21 @@ def test_integrate_refuses_tolerances_and_solvers_it_cannot_honour(
     field = eomlib.eom_field(loss, 0.1, 0)
     with pytest.raises(error, match=message):
         eomlib.integrate(field, params, torch.tensor([0.0, 1.0]), **kwargs)
+
+
+def test_flow_fields_of_every_order_are_minus_g_minus_the_lr_series_of_xi():
+    loss, params = _tensor_cubic()
+    lr = 0.1
+    fields = eomlib.flows.flow_fields(loss, params, lr, [0, 2, 3])
+    assert sorted(fields) == [0, 2, 3]
+    g = eomlib.grad(loss, params)
+    xis = eomlib.counter_terms(loss, params, 3)
+    for order, field in fields.items():
+        expected = -g - sum(lr**k * xis[k - 1] for k in range(1, order + 1))
+        torch.testing.assert_close(field, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_flow_fields_needs_at_least_one_order():
+    loss, params = _tensor_cubic()
+    with pytest.raises(ValueError, match="at least one order"):
+        eomlib.flows.flow_fields(loss, params, 0.1, [])

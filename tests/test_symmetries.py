@@ -106,16 +106,6 @@ def test_the_eoms_one_step_norm_change_meets_gds_at_rate_lr_to_the_k_plus_2(orde
     assert fit_slope(lrs, gaps, floor) == pytest.approx(order + 2, abs=0.15)
 
 
-def test_flow_fields_of_every_order_match_eom_field():
-    loss, params = scale_invariant_case(3)
-    fields = sym.flow_fields(loss, params, 0.1, [0, 2, 3])
-    assert sorted(fields) == [0, 2, 3]
-    for order, field in fields.items():
-        expected = eomlib.eom_field(loss, 0.1, order)(params)
-        for name in params:
-            torch.testing.assert_close(field[name], expected[name], rtol=1e-13, atol=0)
-
-
 def test_with_weight_decay_gd_shrinks_the_class_sum_by_one_minus_lr_lambda():
     loss, params = translation_invariant_case(4)
     lr, lam = 0.2, 0.3
@@ -212,12 +202,6 @@ def test_batchnorm_networks_have_the_symmetries_that_find_symmetries_names(
 def test_networks_without_batchnorm_have_no_scale_invariant_weights():
     model = eomlib.make_model("mlp", 64, 10, hidden=(4,))
     assert sym.find_symmetries(model) == sym.Symmetries((), ("2.weight", "2.bias"))
-
-
-def test_flow_fields_needs_at_least_one_order():
-    loss, params = scale_invariant_case(0)
-    with pytest.raises(ValueError, match="at least one order"):
-        sym.flow_fields(loss, params, 0.1, [])
 
 
 def test_a_linear_layer_followed_by_an_activation_is_not_called_translation_invariant():
