@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[book,test]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
+		> $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install --quiet -e ".[book,test,bench]" -c $(VENV)/torch-pin.txt
+
 	touch $(STAMP)
 
 clean:

@@ -12,6 +12,7 @@ build on them.
 from eomlib.counter_terms import counter_terms
 from eomlib.data import DATASETS, Dataset, load_dataset
 from eomlib.derivatives import (
+    batched_hvp,
     grad,
     grad_and_hvp,
     grad_derivative,
@@ -51,6 +52,7 @@ __all__ = [
     "Comparison",
     "DivergenceError",
     "Problem",
+    "batched_hvp",
     "check_parameters",
     "compare_with_gd",
     "counter_terms",

@@ -10,28 +10,53 @@ fixed by asking that its flow over a time ``lr`` be one GD step,
 
 with ``T`` the third derivative of the loss. Every term is a rational combination of
 nested derivatives of the gradient, one for each rooted tree (:mod:`eomlib.bseries`
-derives the coefficients exactly). Here they are evaluated at ``params`` by nested
-forward-mode differentiation of the gradient, each tree once: a subtree shared by
-several terms (``Hg`` appears in most of them) is computed a single time.
+derives the coefficients exactly).
+
+How they are evaluated. A tree ``[c_1, ..., c_m]`` stands for
+``D^m g[G(c_1), ..., G(c_m)]``, which is one reverse pass through the graph of its
+*prefix* ``[c_1, ..., c_{m-1}]`` (itself a tree, kept as a differentiable function of
+params) against the vector ``G(c_m)``. So the gradient's graph is built once, every
+prefix's graph once, and each tree costs one pass: ``T(g, g)``, ``T(g, Hg)`` and
+``D^4 f(g, g, g)`` all start from the graph of ``Hg``. The trees that only feed the sum
+of one counter term are not evaluated one by one at all: those that share a prefix
+are one pass against the combination of their last children, since a pass is linear
+in its vector.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+from fractions import Fraction
+
 from eomlib import _tree
-from eomlib._checks import check_int
+from eomlib._checks import check_choice, check_int
 from eomlib._tree import Tree
 from eomlib.bseries import LEAF, counter_term_trees, size
-from eomlib.derivatives import Loss, grad, grad_derivative
+from eomlib.derivatives import (
+    HVP_METHODS,
+    AutogradPoint,
+    Loss,
+    autograd_applies,
+    grad,
+    grad_derivative,
+    reverse_or_forward,
+)
 
 
-def counter_terms(loss: Loss, params: Tree, order: int) -> list[Tree]:
+def counter_terms(
+    loss: Loss, params: Tree, order: int, *, method: str = "auto"
+) -> list[Tree]:
     """The counter terms ``[xi_1, ..., xi_order]`` at ``params``.
 
     Args:
         loss: a function of ``params`` returning a 0-d tensor.
         params: a tensor or a dict of tensors.
-        order: how many terms, at least 1. The cost grows quickly with it: order 4
-            needs a fourth derivative of the gradient.
+        order: how many terms, at least 1. Order 4 needs a fourth derivative of the
+            gradient; the performance appendix gives the measured cost of each order.
+        method: ``"reverse"``, ``"forward"`` or ``"auto"``, as for
+            :func:`eomlib.hvp`. Reverse mode shares the graphs of the derivatives
+            between trees; forward mode evaluates each tree by its own nested ``jvp``.
 
     Returns:
         A list of ``order`` trees in the structure of ``params``.
@@ -43,16 +68,144 @@ def counter_terms(loss: Loss, params: Tree, order: int) -> list[Tree]:
         >>> xis[1]  # for a quadratic, xi_k = A^(k+1) params / (k+1)
         tensor([2.6667, 0.3333], dtype=torch.float64)
     """
-    return counter_terms_and_grad(loss, params, order)[1]
+    return counter_terms_and_grad(loss, params, order, method=method)[1]
 
 
 def counter_terms_and_grad(
-    loss: Loss, params: Tree, order: int
+    loss: Loss, params: Tree, order: int, *, method: str = "auto"
 ) -> tuple[Tree, list[Tree]]:
     """The gradient and the counter terms, sharing every derivative in common."""
     check_order(order, minimum=1)
-    terms = [counter_term_trees(k) for k in range(1, order + 1)]
+    check_choice(method, "method", HVP_METHODS)
+    plan = evaluation_plan(order)
 
+    def reverse():
+        if autograd_applies(params):
+            return _shared_graphs(loss, params, plan)
+        return _tree_by_tree(loss, params, order, "reverse")
+
+    return reverse_or_forward(
+        loss,
+        method,
+        reverse=reverse,
+        forward=lambda: _tree_by_tree(loss, params, order, "forward"),
+    )
+
+
+def split(tree: tuple) -> tuple[tuple, tuple]:
+    """A tree's prefix and last child: the tree without its largest child, and that
+    child. ``[c_1, ..., c_m]`` is the derivative of its prefix along its last child."""
+    last = max(range(len(tree)), key=lambda i: (size(tree[i]), tree[i]))
+    return tree[:last] + tree[last + 1 :], tree[last]
+
+
+@dataclass
+class Plan:
+    """What reverse mode evaluates for the counter terms up to some order.
+
+    ``trees``: the trees evaluated one by one, smallest first; ``graphs``: those
+    whose graph is kept, because they are the prefix of another. For ``xi_{k+1}``,
+    ``direct[k]`` lists ``(coefficient, tree)`` for its trees evaluated one by one,
+    and ``sums[k]`` maps each prefix of its other trees to their
+    ``(coefficient, last child)``.
+    """
+
+    trees: list[tuple]
+    graphs: set[tuple]
+    direct: list[list[tuple[Fraction, tuple]]] = field(default_factory=list)
+    sums: list[dict[tuple, list[tuple[Fraction, tuple]]]] = field(default_factory=list)
+
+    @property
+    def passes(self) -> int:
+        """Reverse passes after the gradient: one a tree, one a prefix of a sum."""
+        return len(self.trees) - 1 + sum(len(groups) for groups in self.sums)
+
+
+def evaluation_plan(order: int) -> Plan:
+    """The trees, kept graphs and grouped sums of reverse mode up to ``order``.
+
+    Example:
+        >>> plan = evaluation_plan(2)
+        >>> plan.trees  # g and Hg one by one; H^2 g and T(g, g) only in xi_2's sum
+        [(), ((),)]
+        >>> plan.passes
+        3
+    """
+    check_order(order, minimum=1)
+    vectors, graphs = set(), set()
+
+    def need(tree, as_graph):
+        if tree in (graphs if as_graph else vectors):
+            return
+        (graphs if as_graph else vectors).add(tree)
+        if tree != LEAF:
+            prefix, last = split(tree)
+            need(prefix, as_graph=True)
+            need(last, as_graph=False)
+
+    terms = [counter_term_trees(k) for k in range(1, order + 1)]
+    for term in terms:
+        for tree in term:
+            prefix, last = split(tree)
+            need(prefix, as_graph=True)
+            need(last, as_graph=False)
+    evaluated = vectors | graphs
+    plan = Plan(sorted(evaluated, key=lambda tree: (size(tree), tree)), graphs)
+    for term in terms:
+        direct, groups = [], defaultdict(list)
+        for tree, coefficient in term.items():
+            if tree in evaluated:
+                direct.append((coefficient, tree))
+            else:
+                prefix, last = split(tree)
+                groups[prefix].append((coefficient, last))
+        plan.direct.append(direct)
+        plan.sums.append(dict(groups))
+    return plan
+
+
+def _shared_graphs(loss: Loss, params: Tree, plan: Plan) -> tuple[Tree, list[Tree]]:
+    point = AutogradPoint(loss, params)
+    graph, value = {}, {}
+    for tree in plan.trees:
+        keep = tree in plan.graphs
+        if tree == LEAF:
+            result = point.gradient(create_graph=keep)
+        else:
+            prefix, last = split(tree)
+            result = point.pullback(graph[prefix], value[last], create_graph=keep)
+        if keep:
+            graph[tree] = result
+        value[tree] = [leaf.detach() for leaf in result]
+
+    xis = []
+    for direct, groups in zip(plan.direct, plan.sums):
+        total = _combination([(c, value[tree]) for c, tree in direct], value[LEAF])
+        for prefix, items in groups.items():
+            vector = _combination([(c, value[last]) for c, last in items], total)
+            piece = point.pullback(graph[prefix], vector, create_graph=False)
+            for acc, leaf in zip(total, piece):
+                acc.add_(leaf)
+        xis.append(point.tree(total))
+    return point.tree(value[LEAF]), xis
+
+
+def _combination(terms, like):
+    """``sum_i c_i v_i`` leaf by leaf, for ``terms = [(c_i, v_i)]``."""
+    total = [leaf.new_zeros(leaf.shape) for leaf in like]
+    for coefficient, vector in terms:
+        for acc, leaf in zip(total, vector):
+            acc.add_(leaf, alpha=float(coefficient))
+
+    return total
+
+
+def _tree_by_tree(
+    loss: Loss, params: Tree, order: int, method: str
+) -> tuple[Tree, list[Tree]]:
+    """Each tree by its own nested derivative; the way that works inside torch.func
+    transforms, and the only one in forward mode."""
+    terms = [counter_term_trees(k) for k in range(1, order + 1)]
     needed = set()
     for term in terms:
         for tree in term:
@@ -61,7 +214,7 @@ def counter_terms_and_grad(
     for tree in sorted(needed, key=size):
         if tree != LEAF:
             children = [values[child] for child in tree]
-            values[tree] = grad_derivative(loss, params, children)
+            values[tree] = grad_derivative(loss, params, children, method=method)
 
     xis = []
     for term in terms:

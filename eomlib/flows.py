@@ -8,9 +8,11 @@ with a flow at the times ``t = k * lr``, where the EoM is built to meet them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torchdiffeq
@@ -51,7 +53,10 @@ def eom_field(loss: Loss, lr: float, order: int, *, method: str = "autodiff") ->
       ``lr F = log(Phi) = sum_{m>=1} (-1)^(m+1)/m Delta^m params``, where
       ``Delta^m`` is the m-th forward difference of the GD iterates started at
       ``params``. Truncated after ``m = order + 1`` it costs ``order + 1`` gradients
-      and no higher derivative; its round-off grows like ``eps 2^order / lr``.
+      and no higher derivative. It is summed as a weighted sum of those gradients
+      (:func:`log_step_weights`), so its round-off is about ``eps 2^order |g|``
+      rather than a difference of nearby iterates divided by ``lr``.
+
 
     ``order=0`` is gradient flow, ``-g``, whatever ``lr``. The arguments are checked
     here, before any derivative is taken.
@@ -90,19 +95,43 @@ def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
 
 
 def _iterates_field(loss: Loss, lr: float, order: int) -> Field:
-    def field(params: Tree) -> Tree:
-        iterates, current = [_tree.flatten(params)], params
-        for _ in range(order + 1):
-            current = _tree.axpy(-lr, grad(loss, current), current)
-            iterates.append(_tree.flatten(current))
+    weights = [float(w) for w in log_step_weights(order)]
 
-        log_step = torch.zeros_like(iterates[0])
-        for m in range(1, order + 2):
-            iterates = [b - a for a, b in zip(iterates[:-1], iterates[1:])]
-            log_step += (-1) ** (m + 1) / m * iterates[0]
-        return _tree.unflatten(log_step / lr, params)
+    def field(params: Tree) -> Tree:
+        current, total = params, None
+        for i, weight in enumerate(weights):
+            g = grad(loss, current)
+            total = (
+                _tree.scale(-weight, g)
+                if total is None
+                else (_tree.axpy(-weight, g, total))
+            )
+            if i < order:
+                current = _tree.axpy(-lr, g, current)
+        return total
 
     return field
+
+
+def log_step_weights(order: int) -> list[Fraction]:
+    """The weights ``w_i`` of ``F = -sum_i w_i g(params_i)``, the iterates field of
+    ``order`` written in the gradients at the GD iterates ``params_0..params_order``.
+
+    ``lr F = sum_{m=1..order+1} (-1)^(m+1)/m Delta^m params_0`` is a combination
+    ``sum_j c_j params_j`` with ``sum_j c_j = 0``, and
+    ``params_j - params_0 = -lr sum_{i<j} g(params_i)``, so ``w_i = sum_{j>i} c_j``.
+    Summing gradients, the field never divides a difference of nearby points by lr.
+
+    Example:
+        >>> [str(w) for w in log_step_weights(1)]  # F = -(3/2 g_0 - 1/2 g_1)
+        ['3/2', '-1/2']
+    """
+    check_order(order)
+    c = [Fraction(0)] * (order + 2)
+    for m in range(1, order + 2):
+        for j in range(m + 1):
+            c[j] += Fraction((-1) ** (m + 1), m) * (-1) ** (m - j) * math.comb(m, j)
+    return [sum(c[i + 1 :], Fraction(0)) for i in range(order + 1)]
 
 
 FIELD_METHODS = {"autodiff": _autodiff_field, "iterates": _iterates_field}

@@ -6,7 +6,8 @@ import torch
 from torch import func
 
 import eomlib
-from eomlib import _tree, symbolic
+from eomlib import _tree, bseries, symbolic
+from eomlib.counter_terms import evaluation_plan, split
 from tests.conftest import ATOL, classic_grad_derivative, dense_grad, dense_hessian
 
 
@@ -127,3 +128,42 @@ def test_a_bad_order_raises_before_differentiating(order, error, message):
 
     with pytest.raises(error, match=message):
         eomlib.counter_terms(loss, torch.zeros(2), order)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_shared_reverse_graphs_give_the_tree_by_tree_forward_values(case, order):
+    loss, params = case
+    shared = eomlib.counter_terms(loss, params, order, method="reverse")
+    by_tree = eomlib.counter_terms(loss, params, order, method="forward")
+    for k, (a, b) in enumerate(zip(shared, by_tree), start=1):
+        scale = _tree.flatten(b).abs().max().item()
+        torch.testing.assert_close(
+            _tree.flatten(a),
+            _tree.flatten(b),
+            atol=1e-12 * max(scale, 1),
+            rtol=0,
+            msg=f"xi_{k}",
+        )
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+def test_every_evaluated_tree_has_its_prefix_and_last_child_before_it(order):
+    plan = evaluation_plan(order)
+    position = {tree: i for i, tree in enumerate(plan.trees)}
+    for tree in plan.trees[1:]:
+        prefix, last = split(tree)
+        assert position[prefix] < position[tree] and position[last] < position[tree]
+        assert prefix in plan.graphs
+    for direct, groups in zip(plan.direct, plan.sums):
+        for _, tree in direct:
+            assert tree in position
+        for prefix, items in groups.items():
+            assert prefix in plan.graphs
+            assert all(last in position for _, last in items)
+    # every tree of xi_k is accounted for exactly once
+    for k, (direct, groups) in enumerate(zip(plan.direct, plan.sums), start=1):
+        rebuilt = {tree: c for c, tree in direct}
+        for prefix, items in groups.items():
+            for c, last in items:
+                rebuilt[tuple(sorted((*prefix, last)))] = c
+        assert rebuilt == bseries.counter_term_trees(k)

@@ -6,9 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.autograd.function import once_differentiable
 
 import eomlib
 from eomlib import _tree
+from eomlib.derivatives import SecondDerivativeError
 from tests.conftest import ATOL, classic_grad_derivative, dense_hessian, random_like
 
 
@@ -72,19 +74,176 @@ def _loss_without_forward_rule(x):
     return _SoftplusWithoutJvp.apply(x).pow(2).sum()
 
 
-def test_hvp_falls_back_to_reverse_mode_with_one_notice(caplog):
+def test_auto_mode_needs_no_forward_mode_rule(caplog):
     params = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
     v = torch.ones(4, dtype=torch.float64)
     expected = dense_hessian(_loss_without_forward_rule, params) @ v
 
     with caplog.at_level(logging.WARNING, logger="eomlib.derivatives"):
-        first = eomlib.hvp(_loss_without_forward_rule, params, v)
-        second = eomlib.hvp(_loss_without_forward_rule, params, v)
+        result = eomlib.hvp(_loss_without_forward_rule, params, v)
+
+    torch.testing.assert_close(result, expected, atol=ATOL, rtol=0)
+    assert not caplog.records
+
+
+class _SoftplusGradWithoutDoubleBackward(torch.autograd.Function):
+    """softplus' derivative, ``go * sigmoid(x)``, with a forward-mode rule but no
+    backward: the softplus below can be differentiated twice only in forward mode."""
+
+    @staticmethod
+    def forward(go, x):
+        return go * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise NotImplementedError(
+            "the double backward of this softplus is not implemented"
+        )
+
+    @staticmethod
+    def jvp(ctx, go_dot, x_dot):
+        go, x = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return go_dot * s + go * s * (1 - s) * x_dot
+
+
+class _SoftplusWithoutDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return torch.nn.functional.softplus(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, go):
+        (x,) = ctx.saved_tensors
+        return _SoftplusGradWithoutDoubleBackward.apply(go, x)
+
+    @staticmethod
+    def jvp(ctx, x_dot):
+        (x,) = ctx.saved_tensors
+        return x_dot * torch.sigmoid(x)
+
+
+def _loss_without_double_backward(x):
+    return _SoftplusWithoutDoubleBackward.apply(x).pow(2).sum()
+
+
+def _softplus_loss(x):
+    return torch.nn.functional.softplus(x).pow(2).sum()
+
+
+def test_hvp_falls_back_to_forward_mode_with_one_notice(caplog):
+    params = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+    v = torch.ones(4, dtype=torch.float64)
+    expected = dense_hessian(_softplus_loss, params) @ v
+
+    with caplog.at_level(logging.WARNING, logger="eomlib.derivatives"):
+        first = eomlib.hvp(_loss_without_double_backward, params, v)
+        second = eomlib.hvp(_loss_without_double_backward, params, v)
 
     torch.testing.assert_close(first, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(second, expected, atol=ATOL, rtol=0)
-    notices = [r for r in caplog.records if "using reverse mode" in r.message]
+    notices = [r for r in caplog.records if "using forward mode" in r.message]
     assert len(notices) == 1
+
+
+def test_forced_reverse_mode_reports_the_missing_double_backward():
+    params = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        eomlib.hvp(
+            lambda x: _SoftplusWithoutDoubleBackward.apply(x).sum(),
+            params,
+            params,
+            method="reverse",
+        )
+
+
+class _OnceDifferentiableSoftplus(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.softplus(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go):
+        (x,) = ctx.saved_tensors
+        return go * torch.sigmoid(x)
+
+
+def test_a_once_differentiable_operation_raises_instead_of_giving_zeros():
+    # autograd reports such an input as unused, which would read as H = 0.
+    params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+    with pytest.raises(SecondDerivativeError, match="once_differentiable"):
+        eomlib.hvp(
+            lambda x: _OnceDifferentiableSoftplus.apply(x).pow(2).sum(), params, params
+        )
+
+
+def test_a_loss_linear_in_some_parameters_has_zero_hessian_rows():
+    params = {
+        "w": torch.ones(2, dtype=torch.float64),
+        "b": torch.ones(2, dtype=torch.float64),
+    }
+    v = {
+        "w": torch.ones(2, dtype=torch.float64),
+        "b": torch.ones(2, dtype=torch.float64),
+    }
+    result = eomlib.hvp(lambda p: (p["w"] ** 3).sum() + p["b"].sum(), params, v)
+    torch.testing.assert_close(result["w"], 6 * torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(result["b"], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["auto", "forward"])
+def test_batched_hvp_is_one_hvp_per_vector(case, method):
+    loss, params = case
+    vectors = [random_like(params, seed=s) for s in range(3)]
+    stacked = _tree.tree_map(lambda *leaves: torch.stack(leaves), *vectors)
+    result = eomlib.batched_hvp(loss, params, stacked, method=method)
+    for i, v in enumerate(vectors):
+        row = _tree.tree_map(lambda leaf, i=i: leaf[i], result)
+        expected = eomlib.hvp(loss, params, v, method="forward")
+        torch.testing.assert_close(
+            _tree.flatten(row), _tree.flatten(expected), atol=ATOL, rtol=0
+        )
+
+
+def test_hvp_composes_with_torch_func_transforms(case):
+    # Inside vmap and grad, eomlib runs through torch.func rather than autograd.
+    loss, params = case
+    v = random_like(params, seed=1)
+    stacked = _tree.tree_map(lambda leaf: torch.stack([leaf, 2 * leaf]), params)
+    batched = torch.func.vmap(lambda p: eomlib.hvp(loss, p, v))(stacked)
+    for i, point in enumerate([params, _tree.scale(2.0, params)]):
+        row = _tree.tree_map(lambda leaf, i=i: leaf[i], batched)
+        expected = dense_hessian(loss, point) @ _tree.flatten(v)
+        torch.testing.assert_close(_tree.flatten(row), expected, atol=ATOL, rtol=0)
+
+    # d/ds <v, H(params + s v) v> at s = 0 is D^2 g[v, v] . v
+    def curvature(s):
+        point = _tree.tree_map(lambda p, w: p + s * w, params, v)
+
+        return _tree.dot(v, eomlib.hvp(loss, point, v))
+
+    zero = torch.zeros((), dtype=torch.float64)
+    slope = torch.func.grad(curvature)(zero)
+    expected = classic_grad_derivative(loss, params, [_tree.flatten(v)] * 2)
+    torch.testing.assert_close(slope, expected @ _tree.flatten(v), atol=ATOL, rtol=0)
+
+
+def test_grad_keeps_the_callers_graph():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    g = eomlib.grad(lambda p: (p**3).sum(), x)  # 3 x^2
+    (dg,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(dg, 6 * x.detach())
 
 
 def test_forced_forward_mode_reports_the_missing_rule():
@@ -138,15 +297,27 @@ def test_grad_derivative_is_the_nested_derivative_of_the_gradient(case, method):
     torch.testing.assert_close(_tree.flatten(result), expected, atol=ATOL, rtol=0)
 
 
-def test_counter_terms_work_through_the_reverse_mode_fallback():
+def test_counter_terms_work_without_a_double_backward():
+    # xi_1 through the forward-mode fallback: second derivatives only.
+    params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+    (xi_1,) = eomlib.counter_terms(_loss_without_double_backward, params, 1)
+    g = classic_grad_derivative(_softplus_loss, params, [])
+    expected = classic_grad_derivative(_softplus_loss, params, [g]) / 2
+    torch.testing.assert_close(xi_1, expected, atol=ATOL, rtol=0)
+
+
+def test_counter_terms_work_without_a_forward_rule():
     def loss(x):
         return _SoftplusWithoutJvp.apply(x).pow(3).sum()
 
+    def reference(x):
+        return torch.nn.functional.softplus(x).pow(3).sum()
+
     params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
     _, xi_2 = eomlib.counter_terms(loss, params, 2)
-    g = classic_grad_derivative(loss, params, [])
-    hg = classic_grad_derivative(loss, params, [g])
-    expected = classic_grad_derivative(loss, params, [hg]) / 3 + (
-        classic_grad_derivative(loss, params, [g, g]) / 12
+    g = classic_grad_derivative(reference, params, [])
+    hg = classic_grad_derivative(reference, params, [g])
+    expected = classic_grad_derivative(reference, params, [hg]) / 3 + (
+        classic_grad_derivative(reference, params, [g, g]) / 12
     )
     torch.testing.assert_close(xi_2, expected, atol=ATOL, rtol=0)

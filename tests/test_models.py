@@ -1,10 +1,13 @@
 """Networks from a seed, and their losses as functions of a dict of params."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import eomlib
+from eomlib import models
 
 
 def test_the_same_seed_gives_the_same_network():
@@ -145,3 +148,33 @@ def test_a_loss_refuses_params_that_do_not_name_the_models_parameters():
 def test_batchnorm_needs_a_positive_eps():
     with pytest.raises(ValueError, match="norm_eps must be positive"):
         eomlib.make_model("bn_mlp", 64, 10, norm_eps=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(eomlib.MODELS))
+def test_the_layer_by_layer_forward_is_functional_call(name):
+    options = {"hidden": (6, 5)} if "mlp" in name else {"channels": 2, "blocks": 2}
+    problem = eomlib.make_problem(name, "digits", seed=2, num_samples=40, **options)
+    private = models._with_decomposed_batch_norms(copy.deepcopy(problem.model))
+    forward = models._layer_by_layer(private)
+    assert forward is not None, "every network of MODELS runs layer by layer"
+    direct = forward(problem.params, (problem.data.X,))
+    reference = torch.func.functional_call(private, problem.params, (problem.data.X,))
+    torch.testing.assert_close(direct, reference, atol=0, rtol=0)
+
+
+def test_other_modules_run_through_functional_call():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.linear(x) * 2
+
+    data = eomlib.load_dataset("digits", num_samples=20)
+    model = Custom().double()
+    assert models._layer_by_layer(model) is None
+    loss = eomlib.make_loss(model, data)
+    params = eomlib.initial_params(model)
+    expected = nn.functional.cross_entropy(model(data.X), data.y)
+    torch.testing.assert_close(loss(params), expected)

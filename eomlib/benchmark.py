@@ -1,0 +1,652 @@
+"""The cost of eomlib's derivatives, in gradients of the same model, next to its peers.
+
+Every row is timed in rounds that alternate with a plain ``torch.autograd`` gradient
+of the same loss at the same params; a row's figure is the median over rounds of its
+time divided by that round's gradient, so a machine that slows down for a while
+slows both. Each row also gets its peak memory above what was allocated before the
+call (``torch.profiler`` on the CPU, the allocator's peak on CUDA), its matmul and
+convolution flops (``torch.utils.flop_counter``) and, for Hessian-vector products,
+its largest difference from eomlib's reverse-mode product.
+
+Run it with ``python benchmarks/derivatives.py`` (see ``--help``); the performance
+appendix of the book renders the JSON it writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import func, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import eomlib
+from eomlib import _tree
+from eomlib._checks import check_choice, check_int, resolve_device
+from eomlib.counter_terms import counter_terms
+from eomlib.derivatives import batched_hvp, grad, hvp
+from eomlib.flows import eom_field, eom_trajectory, gd_trajectory
+
+CASES = {
+    "mlp-float32": dict(model="mlp", dtype="float32", hidden=[32]),
+    "mlp-float64": dict(model="mlp", dtype="float64", hidden=[32]),
+    "bn_cnn-float32": dict(model="bn_cnn", dtype="float32", channels=8, blocks=2),
+}
+
+PEERS = {
+    "curvlinops": "curvlinops-for-pytorch",
+    "backpack": "backpack-for-pytorch",
+    "pyhessian": "pyhessian",
+}
+
+# The issue's targets, as (row name, largest allowed ratio to one gradient).
+TARGETS = [
+    ("hvp, reverse over reverse", 3.0),
+    ("counter terms, orders 1-3", 40.0),
+    ("counter terms, orders 1-4", 100.0),
+    *[(f"EoM field from optimizer steps, order {k}", k + 1.5) for k in range(1, 5)],
+]
+
+BATCH = 8
+INTEGRATION_STEPS = 100
+INTEGRATION_LR = 0.1
+
+
+@dataclass
+class Row:
+    """One measured operation of one case."""
+
+    name: str
+    group: str
+    ms: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    rounds: int
+    peak_mb: float | None = None
+    gflop: float | None = None
+    max_rel_diff: float | None = None
+    compile_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Setting:
+    """How long to measure: rounds per row, and a time budget that ends a row early
+    once it has ``min_rounds``."""
+
+    min_rounds: int = 5
+    max_rounds: int = 30
+    budget_s: float = 4.0
+    warmup: int = 2
+
+
+PROFILES = {
+    "quick": Setting(min_rounds=2, max_rounds=3, budget_s=0.5, warmup=1),
+    "default": Setting(),
+}
+
+
+@dataclass
+class CaseResult:
+    name: str
+    model: str
+    dtype: str
+    device: str
+    num_params: int
+    num_samples: int
+    gradient_ms: float
+    rows: list[Row] = field(default_factory=list)
+
+
+def time_against_gradient(
+    fn: Callable[[], object],
+    gradient: Callable[[], object],
+    setting: Setting,
+    device: torch.device,
+    rounds: int | None = None,
+) -> tuple[float, list[float]]:
+    """Median time of ``fn`` in ms, and its ratio to ``gradient`` in each round."""
+    for _ in range(setting.warmup):
+        fn()
+        gradient()
+    times, ratios, start = [], [], time.perf_counter()
+    limit = rounds or setting.max_rounds
+    while len(times) < limit:
+        base = _timed(gradient, device)
+        elapsed = _timed(fn, device)
+        times.append(elapsed)
+        ratios.append(elapsed / base)
+        enough = len(times) >= (rounds or setting.min_rounds)
+        if enough and time.perf_counter() - start > setting.budget_s:
+            break
+    return 1e3 * statistics.median(times), ratios
+
+
+def _timed(fn, device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """The most memory ``fn`` holds at once beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profile:
+        fn()
+    events = [e for e in profile.profiler.kineto_results.events()]
+    events = sorted(
+        (e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def gflop(fn: Callable[[], object]) -> float:
+    """Matmul and convolution flops of one call, in GFLOP."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _relative_difference(result, reference) -> float:
+    a = _flat(result).double()
+    b = _flat(reference).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _flat(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)
+    if isinstance(value, dict):
+        return _tree.flatten(value)
+    return torch.cat([v.reshape(-1) for v in value])
+
+
+def peers_available() -> dict[str, str | None]:
+    """Each peer's installed version, or None."""
+    versions = {}
+    for peer, distribution in PEERS.items():
+        try:
+            versions[peer] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[peer] = None
+    return versions
+
+
+def _peer_module(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose BatchNorms use the batch's statistics and keep none:
+    the loss eomlib differentiates, in a form the peers' code can run."""
+    peer = copy.deepcopy(model).train()
+    for module in peer.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = None
+            module.num_batches_tracked = None
+    return peer
+
+
+def _peer_hvps(problem, v_list):
+    """``name -> (callable returning H v, note)`` for each installed peer."""
+    model = _peer_module(problem.model)
+    params = [p for p in model.parameters()]
+    X, y = problem.data.X, problem.data.y
+    criterion = nn.CrossEntropyLoss()
+    products = {}
+    installed = peers_available()
+    if installed["curvlinops"]:
+        from curvlinops import HessianLinearOperator
+
+        operator = HessianLinearOperator(
+            model, criterion, params, [(X, y)], check_deterministic=False
+        )
+        flat_v = torch.cat([v.reshape(-1) for v in v_list])
+        products["curvlinops HessianLinearOperator"] = (
+            lambda: operator @ flat_v,
+            "torch.func jvp over jacrev, at the module's parameters",
+        )
+    if installed["backpack"]:
+        from backpack.hessianfree.hvp import hessian_vector_product
+
+        def backpack_hvp():
+            value = criterion(model(X), y)
+            return hessian_vector_product(value, params, v_list)
+
+        products["BackPACK hessian_vector_product"] = (
+            backpack_hvp,
+            "double backward through R_op, forward pass included",
+        )
+    if installed["pyhessian"]:
+        from pyhessian import hessian
+
+        engine = hessian(model, criterion, dataloader=[(X, y)], cuda=X.is_cuda)
+        model.train()  # NOTE: pyhessian switches the module to eval mode
+
+        products["PyHessian double backward"] = (
+            lambda: engine.dataloader_hv_product(v_list)[1],
+            "backward(create_graph=True) then autograd.grad, forward included",
+        )
+    return products
+
+
+def run_case(
+    name: str,
+    *,
+    device="cpu",
+    setting: Setting | None = None,
+    compile: bool = True,
+    orders=(1, 2, 3, 4),
+    integrate: bool = True,
+    progress: Callable[[str], None] = print,
+) -> CaseResult:
+    """Measure every row for the case ``name`` of :data:`CASES`."""
+    check_choice(name, "case", CASES)
+    setting = setting or PROFILES["default"]
+    device = resolve_device(device)
+    options = dict(CASES[name])
+    problem = eomlib.make_problem(
+        options.pop("model"), dtype=options.pop("dtype"), device=device, **options
+    )
+    loss, params = problem.loss, problem.params
+    names = list(params)
+    leaves = [params[n] for n in names]
+
+    def reference_gradient():
+        inputs = [leaf.detach().requires_grad_() for leaf in leaves]
+        return torch.autograd.grad(loss(dict(zip(names, inputs))), inputs)
+
+    g = grad(loss, params)
+    v = _tree.scale(1.0 / _tree.dot(g, g).sqrt().item(), g)
+    v_list = [v[n] for n in names]
+    generator = torch.Generator().manual_seed(0)
+    vectors = {
+        n: torch.randn((BATCH, *p.shape), generator=generator, dtype=p.dtype).to(device)
+        for n, p in params.items()
+    }
+    reference_hv = hvp(loss, params, v, method="reverse")
+    gradient_ms, _ = time_against_gradient(
+        reference_gradient, reference_gradient, setting, device
+    )
+    result = CaseResult(
+        name,
+        CASES[name]["model"],
+        CASES[name]["dtype"],
+        str(device),
+        problem.num_params,
+        len(problem.data),
+        gradient_ms,
+    )
+
+    def measure(row_name, group, fn, *, check=None, per=1, rounds=None, **extra):
+        progress(f"{name}: {row_name}")
+        try:
+            value = fn()
+            ms, ratios = time_against_gradient(
+                fn, reference_gradient, setting, device, rounds
+            )
+        except Exception as error:  # NOTE: a failing peer is reported, not fatal
+            result.rows.append(
+                Row(
+                    row_name,
+                    group,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    0,
+                    note=f"failed: {type(error).__name__}: {error}",
+                )
+            )
+            return
+        low, mid, high = _quartiles([r / per for r in ratios])
+        row = Row(row_name, group, ms / per, mid, low, high, len(ratios), **extra)
+        row.peak_mb = peak_memory_mb(fn, device)
+        row.gflop = gflop(fn) / per
+        if check is not None:
+            row.max_rel_diff = check(value)
+        result.rows.append(row)
+
+    same_hvp = lambda value: _relative_difference(value, reference_hv)  # noqa: E731
+    measure("gradient, torch.autograd", "gradient", reference_gradient)
+    measure("gradient, eomlib.grad", "gradient", lambda: grad(loss, params))
+    measure(
+        "hvp, reverse over reverse",
+        "hvp",
+        lambda: hvp(loss, params, v, method="reverse"),
+        check=same_hvp,
+    )
+    measure(
+        "hvp, forward over reverse",
+        "hvp",
+        lambda: hvp(loss, params, v, method="forward"),
+        check=same_hvp,
+    )
+    measure(
+        f"batched_hvp, {BATCH} vectors, per vector",
+        "hvp",
+        lambda: batched_hvp(loss, params, vectors),
+        per=BATCH,
+        note="reverse over reverse, is_grads_batched",
+    )
+    measure(
+        f"batched_hvp forward, {BATCH} vectors, per vector",
+        "hvp",
+        lambda: batched_hvp(loss, params, vectors, method="forward"),
+        per=BATCH,
+        note="forward over reverse under vmap",
+    )
+    for peer, (fn, note) in _peer_hvps(problem, v_list).items():
+        measure(peer, "peer hvp", fn, check=same_hvp, note=note)
+    if compile:
+        _measure_compiled(measure, loss, params, v, same_hvp)
+    for k in orders:
+        label = "orders 1" if k == 1 else f"orders 1-{k}"
+        measure(
+            f"counter terms, {label}",
+            "counter terms",
+            lambda k=k: counter_terms(loss, params, k),
+        )
+    for k in [k for k in orders if k <= 3]:
+        label = "orders 1" if k == 1 else f"orders 1-{k}"
+        measure(
+            f"counter terms, {label}, tree by tree (forward mode)",
+            "counter terms",
+            lambda k=k: counter_terms(loss, params, k, method="forward"),
+            note="each tree by its own nested jvp: eomlib before the shared graphs",
+        )
+    for k in orders:
+        field = eom_field(loss, INTEGRATION_LR, k, method="iterates")
+        measure(
+            f"EoM field from optimizer steps, order {k}",
+            "EoM field",
+            lambda field=field: field(params),
+        )
+    if integrate:
+        _measure_integration(measure, problem, setting)
+    return result
+
+
+def _measure_compiled(measure, loss, params, v, same_hvp) -> None:
+    compiled_grad = torch.compile(func.grad(loss))
+    compiled_hvp = torch.compile(lambda p, w: func.vjp(func.grad(loss), p)[1](w)[0])
+    for row_name, fn, check in [
+        ("gradient, torch.compile", lambda: compiled_grad(params), None),
+        (
+            "hvp, reverse over reverse, torch.compile",
+            lambda: compiled_hvp(params, v),
+            same_hvp,
+        ),
+    ]:
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception:  # noqa: S110  NOTE: measure() reports the failure
+            pass
+        measure(
+            row_name,
+            "torch.compile",
+            fn,
+            check=check,
+            compile_s=time.perf_counter() - start,
+        )
+
+
+def _measure_integration(measure, problem, setting: Setting) -> None:
+    loss, params = problem.loss, problem.params
+    dtype = _tree.leaves(params)[0].dtype
+    tolerances = (
+        dict(rtol=1e-5, atol=1e-7)
+        if dtype == torch.float32
+        else dict(rtol=1e-9, atol=1e-11)
+    )
+    gd = lambda: gd_trajectory(loss, params, INTEGRATION_LR, INTEGRATION_STEPS)  # noqa: E731
+    measure(
+        f"GD, {INTEGRATION_STEPS} steps", "trajectory", gd, rounds=setting.min_rounds
+    )
+    counter = _CountingLoss(loss)
+    eom_trajectory(
+        counter,
+        params,
+        INTEGRATION_LR,
+        INTEGRATION_STEPS,
+        1,
+        solver="dopri5",
+        **tolerances,
+    )
+    measure(
+        f"EoM₁ integrated over {INTEGRATION_STEPS} GD steps",
+        "trajectory",
+        lambda: eom_trajectory(
+            loss,
+            params,
+            INTEGRATION_LR,
+            INTEGRATION_STEPS,
+            1,
+            solver="dopri5",
+            **tolerances,
+        ),
+        rounds=1 if setting.min_rounds > 1 else None,
+        note=(
+            f"dopri5, rtol {tolerances['rtol']:g}, lr {INTEGRATION_LR}: "
+            f"{counter.calls} loss evaluations"
+        ),
+    )
+
+
+class _CountingLoss:
+    def __init__(self, loss):
+        self.loss, self.calls = loss, 0
+
+    def __call__(self, params):
+        self.calls += 1
+        return self.loss(params)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def metadata(device: torch.device) -> dict:
+    """Where and with what the results were measured."""
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "eomlib": eomlib.__version__,
+        "commit": _commit(),
+        "peers": peers_available(),
+    }
+    cpu = _cpu_model()
+    if cpu:
+        info["cpu"] = cpu
+    return info
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run(
+    cases=tuple(CASES),
+    *,
+    device="cpu",
+    profile: str = "default",
+    compile: bool = True,
+    orders=(1, 2, 3, 4),
+    integrate: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Every case; the JSON-ready results with their metadata and the targets."""
+    check_choice(profile, "profile", PROFILES)
+    for case in cases:
+        check_choice(case, "case", CASES)
+    for k in orders:
+        check_int(k, "order", minimum=1)
+    device = resolve_device(device)
+    results = {"meta": metadata(device), "profile": profile, "cases": {}}
+    for case in cases:
+        case_result = run_case(
+            case,
+            device=device,
+            setting=PROFILES[profile],
+            compile=compile,
+            orders=orders,
+            integrate=integrate,
+            progress=progress,
+        )
+        results["cases"][case] = asdict(case_result)
+    results["targets"] = check_targets(results)
+    return results
+
+
+def check_targets(results: dict) -> list[dict]:
+    """Each target against each case: the measured ratio and whether it holds.
+
+    The peer target (``hvp`` never slower than the fastest peer) compares eomlib's
+    default ``hvp`` with the fastest peer of the same case.
+    """
+    checks = []
+    for case, data in results["cases"].items():
+        rows = {row["name"]: row for row in data["rows"]}
+        for row_name, limit in TARGETS:
+            if row_name in rows:
+                ratio = rows[row_name]["ratio"]
+                checks.append(
+                    dict(
+                        case=case,
+                        target=f"{row_name} <= {limit:g}",
+                        measured=ratio,
+                        met=bool(ratio <= limit),
+                    )
+                )
+        peers = [
+            row
+            for row in data["rows"]
+            if row["group"] == "peer hvp" and row["ratio"] == row["ratio"]
+        ]
+        ours = rows.get("hvp, reverse over reverse")
+        if peers and ours:
+            fastest = min(peers, key=lambda row: row["ratio"])
+            checks.append(
+                dict(
+                    case=case,
+                    target=f"hvp <= fastest peer ({fastest['name']}, "
+                    f"{fastest['ratio']:.2f})",
+                    measured=ours["ratio"],
+                    met=bool(ours["ratio"] <= fastest["ratio"]),
+                )
+            )
+    return checks
+
+
+def save(results: dict, folder: str | Path) -> Path:
+    """Write ``results`` as ``benchmark-<device>-<date>.json`` in ``folder``."""
+    meta = results["meta"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = meta["device_name"] if meta["device"].startswith("cuda") else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
+    path = folder / f"benchmark-{slug}-{meta['date']}.json"
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_latest(folder: str | Path) -> dict | None:
+    """The newest ``benchmark-*.json`` in ``folder`` (by the date in its name), or
+    None when there is none."""
+    paths = sorted(Path(folder).glob("benchmark-*.json"), key=lambda p: p.stem[-10:])
+    if not paths:
+        return None
+    results = json.loads(paths[-1].read_text())
+    results["path"] = str(paths[-1])
+    return results
+
+
+def report(results: dict) -> str:
+    """The results as plain text: one table a case, then the targets."""
+    lines = []
+    for case, data in results["cases"].items():
+        lines.append(
+            f"\n{case} on {data['device']}: {data['num_params']} parameters, "
+            f"{data['num_samples']} samples, "
+            f"one gradient = {data['gradient_ms']:.2f} ms"
+        )
+        lines.append(
+            f"  {'row':<58} {'ms':>9} {'gradients':>9} {'IQR':>13} "
+            f"{'MiB':>8} {'rel diff':>9}"
+        )
+        for row in data["rows"]:
+            if row["note"].startswith("failed"):
+                lines.append(f"  {row['name']:<58} {row['note']}")
+                continue
+            diff = "" if row["max_rel_diff"] is None else f"{row['max_rel_diff']:.1e}"
+            lines.append(
+                f"  {row['name']:<58} {row['ms']:>9.2f} {row['ratio']:>9.2f} "
+                f"{row['ratio_low']:>6.2f}-{row['ratio_high']:<6.2f} "
+                f"{row['peak_mb']:>8.1f} {diff:>9}"
+            )
+    lines.append("\ntargets:")
+    for check in results["targets"]:
+        mark = "met" if check["met"] else "MISSED"
+        lines.append(
+            f"  {check['case']:<16} {check['target']:<60} "
+            f"{check['measured']:>7.2f}  {mark}"
+        )
+    return "\n".join(lines)
