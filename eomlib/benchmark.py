@@ -115,9 +115,10 @@ def time_against_gradient(
     setting: Setting,
     device: torch.device,
     rounds: int | None = None,
+    warmup: int | None = None,
 ) -> tuple[float, list[float]]:
     """Median time of ``fn`` in ms, and its ratio to ``gradient`` in each round."""
-    for _ in range(setting.warmup):
+    for _ in range(setting.warmup if warmup is None else warmup):
         fn()
         gradient()
     times, ratios, start = [], [], time.perf_counter()
@@ -305,13 +306,24 @@ def run_case(
         gradient_ms,
     )
 
-    def measure(row_name, group, fn, *, check=None, per=1, rounds=None, **extra):
+    def measure(
+        row_name, group, fn, *, check=None, per=1, rounds=None, long=False, **extra
+    ):
+        """Time ``fn``; a ``long`` one (a whole trajectory) gets no warm-up beyond
+        its first call, and neither memory nor flops, which would rerun it."""
         progress(f"{name}: {row_name}")
         try:
-            value = fn()
+            value = None if long else fn()
+
             ms, ratios = time_against_gradient(
-                fn, reference_gradient, setting, device, rounds
+                fn,
+                reference_gradient,
+                setting,
+                device,
+                rounds,
+                warmup=0 if long else None,
             )
+
         except Exception as error:  # NOTE: a failing peer is reported, not fatal
             result.rows.append(
                 Row(
@@ -325,14 +337,17 @@ def run_case(
                     note=f"failed: {type(error).__name__}: {error}",
                 )
             )
-            return
+            return None
         low, mid, high = _quartiles([r / per for r in ratios])
         row = Row(row_name, group, ms / per, mid, low, high, len(ratios), **extra)
-        row.peak_mb = peak_memory_mb(fn, device)
-        row.gflop = gflop(fn) / per
+        if not long:
+            row.peak_mb = peak_memory_mb(fn, device)
+            row.gflop = gflop(fn) / per
+
         if check is not None:
             row.max_rel_diff = check(value)
         result.rows.append(row)
+        return row
 
     same_hvp = lambda value: _relative_difference(value, reference_hv)  # noqa: E731
     measure("gradient, torch.autograd", "gradient", reference_gradient)
@@ -429,36 +444,38 @@ def _measure_integration(measure, problem, setting: Setting) -> None:
     )
     gd = lambda: gd_trajectory(loss, params, INTEGRATION_LR, INTEGRATION_STEPS)  # noqa: E731
     measure(
-        f"GD, {INTEGRATION_STEPS} steps", "trajectory", gd, rounds=setting.min_rounds
+        f"GD, {INTEGRATION_STEPS} steps",
+        "trajectory",
+        gd,
+        rounds=setting.min_rounds,
+        long=True,
     )
     counter = _CountingLoss(loss)
-    eom_trajectory(
-        counter,
-        params,
-        INTEGRATION_LR,
-        INTEGRATION_STEPS,
-        1,
-        solver="dopri5",
-        **tolerances,
-    )
-    measure(
-        f"EoM₁ integrated over {INTEGRATION_STEPS} GD steps",
-        "trajectory",
-        lambda: eom_trajectory(
-            loss,
+
+    def integrate():
+        counter.calls = 0
+        return eom_trajectory(
+            counter,
             params,
             INTEGRATION_LR,
             INTEGRATION_STEPS,
             1,
             solver="dopri5",
             **tolerances,
-        ),
-        rounds=1 if setting.min_rounds > 1 else None,
-        note=(
-            f"dopri5, rtol {tolerances['rtol']:g}, lr {INTEGRATION_LR}: "
-            f"{counter.calls} loss evaluations"
-        ),
+        )
+
+    row = measure(
+        f"EoM₁ integrated over {INTEGRATION_STEPS} GD steps",
+        "trajectory",
+        integrate,
+        rounds=1,
+        long=True,
     )
+    if row is not None:
+        row.note = (
+            f"dopri5, rtol {tolerances['rtol']:g}, lr {INTEGRATION_LR}: "
+            f"{counter.calls} loss evaluations, one timed run"
+        )
 
 
 class _CountingLoss:
@@ -640,7 +657,7 @@ def report(results: dict) -> str:
             lines.append(
                 f"  {row['name']:<58} {row['ms']:>9.2f} {row['ratio']:>9.2f} "
                 f"{row['ratio_low']:>6.2f}-{row['ratio_high']:<6.2f} "
-                f"{row['peak_mb']:>8.1f} {diff:>9}"
+                f"{_optional(row['peak_mb'], '.1f'):>8} {diff:>9}"
             )
     lines.append("\ntargets:")
     for check in results["targets"]:
@@ -650,3 +667,96 @@ def report(results: dict) -> str:
             f"{check['measured']:>7.2f}  {mark}"
         )
     return "\n".join(lines)
+
+
+def find_row(results: dict, case: str, name: str) -> dict:
+    """The row called ``name`` of ``case``; KeyError naming what exists otherwise."""
+    rows = {row["name"]: row for row in results["cases"][case]["rows"]}
+    if name not in rows:
+        raise KeyError(f"no row {name!r} in case {case!r}; rows: {sorted(rows)}")
+    return rows[name]
+
+
+def table_rows(results: dict, case: str, groups=None) -> list[dict]:
+    """The rows of ``case`` (those of ``groups`` if given) ready for a Markdown table:
+    the ratio to one gradient with its interquartile range, the time, the peak
+    memory, the flops and, for products, the relative difference from eomlib's."""
+    table = []
+    for row in results["cases"][case]["rows"]:
+        if groups is not None and row["group"] not in groups:
+            continue
+        if row["note"].startswith("failed"):
+            table.append(
+                {
+                    "operation": row["name"],
+                    "gradients": row["note"],
+                    "interquartile range": "",
+                    "ms": "",
+                    "peak MiB": "",
+                    "GFLOP": "",
+                    "rel. diff": "",
+                }
+            )
+            continue
+        diff = row["max_rel_diff"]
+        table.append(
+            {
+                "operation": row["name"],
+                "gradients": f"{row['ratio']:.2f}",
+                "interquartile range": (
+                    f"{row['ratio_low']:.2f} to {row['ratio_high']:.2f}"
+                ),
+                "ms": f"{row['ms']:.3g}",
+                "peak MiB": _optional(row["peak_mb"], ".3g"),
+                "GFLOP": _optional(row["gflop"], ".3g"),
+                "rel. diff": "" if diff is None else f"{diff:.0e}",
+            }
+        )
+    return table
+
+
+def plot_ratios(runs: dict[str, dict], groups=None):
+    """One panel a case: each row's cost in gradients, one bar a run (CPU, GPU), on a
+    logarithmic axis. ``runs`` maps a label to a results dict."""
+    import matplotlib.pyplot as plt
+
+    first = next(iter(runs.values()))
+    cases = list(first["cases"])
+    names = [
+        row["name"]
+        for row in first["cases"][cases[0]]["rows"]
+        if groups is None or row["group"] in groups
+    ]
+    fig, axes = plt.subplots(
+        1,
+        len(cases),
+        figsize=(4.2 * len(cases) + 2.6, 0.27 * len(names) * len(runs) + 1.4),
+        sharey=True,
+        layout="constrained",
+        squeeze=False,
+    )
+    height = 0.8 / len(runs)
+    for ax, case in zip(axes[0], cases):
+        for i, (label, results) in enumerate(runs.items()):
+            rows = {
+                row["name"]: row
+                for row in results["cases"].get(case, {}).get("rows", [])
+            }
+            values = [rows[n]["ratio"] if n in rows else float("nan") for n in names]
+            positions = [
+                j + (i - (len(runs) - 1) / 2) * height for j in range(len(names))
+            ]
+            ax.barh(positions, values, height=height, label=label)
+        ax.axvline(1.0, color="0.4", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set(title=case, xlabel="time in gradients of the same model")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    if len(runs) > 1:
+        axes[0][-1].legend(loc="lower right")
+    return fig
+
+
+def _optional(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)

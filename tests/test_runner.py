@@ -20,7 +20,7 @@ NOTEBOOKS = runner.notebook_names(ROOT)
 def _copy_book(destination: Path) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, destination / name)
-    for name in ("book", "notebooks"):
+    for name in ("book", "notebooks", "results"):
         shutil.copytree(ROOT / name, destination / name)
     return destination
 
