@@ -28,7 +28,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
 		> $(VENV)/torch-pin.txt
 	$(BIN)/python -m pip install --quiet -e ".[book,test,bench]" -c $(VENV)/torch-pin.txt
-
 	touch $(STAMP)
 
 clean:

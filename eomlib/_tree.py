@@ -97,3 +97,10 @@ def unflatten_batch(matrix: torch.Tensor, like: Tree) -> Tree:
     if isinstance(like, torch.Tensor):
         return pieces[0]
     return dict(zip(like.keys(), pieces))
+
+
+def rebuild(tensors: list[torch.Tensor], like: Tree) -> Tree:
+    """``tensors``, in the order of :func:`leaves`, in the structure of ``like``."""
+    if isinstance(like, torch.Tensor):
+        return tensors[0]
+    return dict(zip(like.keys(), tensors))

@@ -38,6 +38,7 @@ from eomlib.derivatives import (
     AutogradPoint,
     Loss,
     autograd_applies,
+    for_higher_derivatives,
     grad,
     grad_derivative,
     reverse_or_forward,
@@ -78,6 +79,8 @@ def counter_terms_and_grad(
     check_order(order, minimum=1)
     check_choice(method, "method", HVP_METHODS)
     plan = evaluation_plan(order)
+    if order >= 2:  # T(g, g) and beyond: third and higher derivatives
+        loss = for_higher_derivatives(loss)
 
     def reverse():
         if autograd_applies(params):

@@ -45,7 +45,7 @@ def grad(loss: Loss, params: Tree) -> Tree:
     if not autograd_applies(params):
         return func.grad(loss)(params)
     point = AutogradPoint(loss, params)
-    return point.tree(point.gradient(create_graph=False))
+    return point.tree(point.gradient(create_graph=False), detach=False)
 
 
 def hvp(loss: Loss, params: Tree, v: Tree, *, method: str = "auto") -> Tree:
@@ -129,12 +129,25 @@ def grad_derivative(
         _tree.check_same_structure(params, v, ("params", f"vectors[{i}]"))
     if not vectors:
         return grad(loss, params)
+    if len(vectors) >= 2:
+        loss = for_higher_derivatives(loss)
     return reverse_or_forward(
         loss,
         method,
         reverse=lambda: _grad_derivative_reverse(loss, params, vectors),
         forward=lambda: _nested(loss, params, vectors, _forward_step),
     )
+
+
+def for_higher_derivatives(loss: Loss) -> Loss:
+    """The version of ``loss`` to differentiate three or more times.
+
+    A loss may carry, as its attribute ``higher_derivatives``, another function of
+    the same value whose third and higher derivatives are exact: the BatchNorm
+    networks of :mod:`eomlib.models` do, because PyTorch's fused ``batch_norm``
+    gets those wrong. Every third or higher derivative here goes through it.
+    """
+    return getattr(loss, "higher_derivatives", loss)
 
 
 class AutogradPoint:
@@ -151,27 +164,23 @@ class AutogradPoint:
         self.loss, self.like = loss, params
         self.inputs = [leaf.detach().requires_grad_() for leaf in _tree.leaves(params)]
 
-    def tree(self, tensors: list[torch.Tensor]) -> Tree:
-        """Detached ``tensors`` in the structure of params."""
-        detached = [tensor.detach() for tensor in tensors]
-        if isinstance(self.like, torch.Tensor):
-            return detached[0]
-        return dict(zip(self.like.keys(), detached))
+    def tree(self, tensors: list[torch.Tensor], detach: bool = True) -> Tree:
+        """``tensors`` in the structure of params, detached unless they carry no
+        graph already."""
+        detached = [tensor.detach() for tensor in tensors] if detach else tensors
+        return _tree.rebuild(detached, self.like)
 
     def gradient(self, create_graph: bool) -> list[torch.Tensor]:
         """The gradient, leaf by leaf; with ``create_graph`` it keeps its graph."""
         with torch.enable_grad():
-            params = (
-                self.inputs[0]
-                if isinstance(self.like, torch.Tensor)
-                else (dict(zip(self.like.keys(), self.inputs)))
-            )
-            value = self.loss(params)
+            value = self.loss(_tree.rebuild(self.inputs, self.like))
             if value.dim() != 0:
                 raise ValueError(
                     f"loss must return a 0-d tensor; got shape {tuple(value.shape)}"
                 )
-            return self.pullback([value], [torch.ones_like(value)], create_graph)
+            return self.pullback(
+                [value], [torch.ones_like(value)], create_graph, retain=create_graph
+            )
 
     def pullback(
         self,
@@ -180,10 +189,12 @@ class AutogradPoint:
         create_graph: bool,
         *,
         batched: bool = False,
+        retain: bool = True,
     ) -> list[torch.Tensor]:
         """The derivative of ``sum_i <outputs_i, vectors_i>`` with respect to params.
 
         With ``batched``, each vector has a leading batch axis and the result too.
+        ``retain`` keeps the graph of ``outputs`` for further passes.
         """
         pairs = [(o, v.detach()) for o, v in zip(outputs, vectors) if o.requires_grad]
         if not pairs:
@@ -194,7 +205,7 @@ class AutogradPoint:
                     [o for o, _ in pairs],
                     self.inputs,
                     [v for _, v in pairs],
-                    retain_graph=True,
+                    retain_graph=retain,
                     create_graph=create_graph,
                     allow_unused=True,
                     is_grads_batched=batched,

@@ -99,16 +99,17 @@ def _iterates_field(loss: Loss, lr: float, order: int) -> Field:
 
     def field(params: Tree) -> Tree:
         current, total = params, None
+        # torch._foreach_* act on all leaves at once, as torch.optim's steps do.
         for i, weight in enumerate(weights):
-            g = grad(loss, current)
-            total = (
-                _tree.scale(-weight, g)
-                if total is None
-                else (_tree.axpy(-weight, g, total))
-            )
+            g = _tree.leaves(grad(loss, current))
+            if total is None:
+                total = torch._foreach_mul(g, -weight)
+            else:
+                torch._foreach_add_(total, g, alpha=-weight)
             if i < order:
-                current = _tree.axpy(-lr, g, current)
-        return total
+                steps = torch._foreach_add(_tree.leaves(current), g, alpha=-lr)
+                current = _tree.rebuild(steps, params)
+        return _tree.rebuild(total, params)
 
     return field
 

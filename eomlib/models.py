@@ -150,13 +150,27 @@ def make_loss(model: nn.Module, data: Dataset) -> Loss:
 
     ``params`` is a dict with the names of ``model.named_parameters()``. The loss runs
     a private copy of the module, so evaluating or differentiating it never changes
-    ``model``, its buffers or its mode. In that copy every BatchNorm layer is
-    :class:`BatchNormFromPrimitives`: it normalises with the statistics of the full
-    batch, as in training mode, and keeps no running statistics, so the loss is a
-    deterministic function of ``params`` that every torch.func transform, ``vmap``
-    included, can take, with derivatives exact at every order.
+    ``model``, its buffers or its mode. In that copy every BatchNorm layer normalises
+    with the statistics of the full batch, as in training mode, and keeps no running
+    statistics, so the loss is a deterministic function of ``params`` that every
+    torch.func transform, ``vmap`` included, can take.
+
+    With BatchNorm the loss comes in two versions of the same value. The loss itself
+    runs PyTorch's fused ``batch_norm``, whose first and second derivatives are right
+    and fast; its attribute ``higher_derivatives`` is the same loss with each
+    BatchNorm as :class:`BatchNormFromPrimitives`, whose derivatives are right at
+    every order. ``eomlib`` takes third and higher derivatives from that version.
     """
-    private = _with_decomposed_batch_norms(copy.deepcopy(model))
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return _loss_of(copy.deepcopy(model), data)
+    loss = _loss_of(_with_batch_norms(copy.deepcopy(model), BatchStatisticsNorm), data)
+    loss.higher_derivatives = _loss_of(
+        _with_batch_norms(copy.deepcopy(model), BatchNormFromPrimitives), data
+    )
+    return loss
+
+
+def _loss_of(private: nn.Module, data: Dataset) -> Loss:
     names = {name for name, _ in private.named_parameters()}
     forward = _layer_by_layer(private) or partial(functional_call, private)
 
@@ -198,7 +212,7 @@ def _layer_by_layer(module: nn.Module):
                     _bias_name(layer, name),
                 )
             )
-        elif kind is BatchNormFromPrimitives:
+        elif kind in (BatchNormFromPrimitives, BatchStatisticsNorm):
             steps.append(partial(_batch_norm, layer, name))
         elif (
             kind in _STATELESS
@@ -257,6 +271,25 @@ def _stateless(layer, params, x):
     return layer(x)
 
 
+class BatchStatisticsNorm(nn.Module):
+    """Training-mode batch normalisation without running statistics, through
+    PyTorch's fused ``batch_norm``. Its third and higher derivatives are wrong (see
+    :class:`BatchNormFromPrimitives`); its first and second are right."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(self, x, weight=None, bias=None) -> torch.Tensor:
+        return nn.functional.batch_norm(
+            x, None, None, weight, bias, training=True, momentum=0.0, eps=self.eps
+        )
+
+
 class BatchNormFromPrimitives(nn.Module):
     """Training-mode batch normalisation written with elementary operations.
 
@@ -290,13 +323,13 @@ class BatchNormFromPrimitives(nn.Module):
         return out
 
 
-def _with_decomposed_batch_norms(module: nn.Module) -> nn.Module:
-    """``module`` with each BatchNorm swapped, in place, for its decomposition."""
+def _with_batch_norms(module: nn.Module, kind: type) -> nn.Module:
+    """``module`` with each BatchNorm swapped, in place, for ``kind`` of it."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, BatchNormFromPrimitives(child))
+            setattr(module, name, kind(child))
         else:
-            _with_decomposed_batch_norms(child)
+            _with_batch_norms(child, kind)
     return module
 
 

@@ -154,7 +154,9 @@ def test_batchnorm_needs_a_positive_eps():
 def test_the_layer_by_layer_forward_is_functional_call(name):
     options = {"hidden": (6, 5)} if "mlp" in name else {"channels": 2, "blocks": 2}
     problem = eomlib.make_problem(name, "digits", seed=2, num_samples=40, **options)
-    private = models._with_decomposed_batch_norms(copy.deepcopy(problem.model))
+    private = models._with_batch_norms(
+        copy.deepcopy(problem.model), models.BatchNormFromPrimitives
+    )
     forward = models._layer_by_layer(private)
     assert forward is not None, "every network of MODELS runs layer by layer"
     direct = forward(problem.params, (problem.data.X,))
@@ -178,3 +180,32 @@ def test_other_modules_run_through_functional_call():
     params = eomlib.initial_params(model)
     expected = nn.functional.cross_entropy(model(data.X), data.y)
     torch.testing.assert_close(loss(params), expected)
+
+
+@pytest.mark.parametrize("name", ["bn_mlp", "bn_cnn"])
+def test_the_fused_batch_norm_loss_has_the_exact_first_and_second_derivatives(name):
+    options = {"hidden": (6, 5)} if "mlp" in name else {"channels": 2, "blocks": 2}
+    problem = eomlib.make_problem(name, "digits", seed=2, num_samples=40, **options)
+    fused, exact = problem.loss, problem.loss.higher_derivatives
+    params = problem.params
+    v = eomlib.grad(exact, params)
+    torch.testing.assert_close(fused(params), exact(params), atol=1e-14, rtol=0)
+    for a, b in [
+        (eomlib.grad(fused, params), v),
+        (eomlib.hvp(fused, params, v), eomlib.hvp(exact, params, v)),
+    ]:
+        for key in params:
+            torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=0)
+
+
+def test_third_derivatives_and_higher_counter_terms_use_the_exact_version(bn_problem):
+    loss, params = bn_problem.loss, bn_problem.params
+    v = eomlib.grad(loss, params)
+    assert loss.higher_derivatives is not loss
+    through = eomlib.grad_derivative(loss, params, [v, v])
+    exact = eomlib.grad_derivative(loss.higher_derivatives, params, [v, v])
+    _, xi_2 = eomlib.counter_terms(loss, params, 2)
+    _, exact_xi_2 = eomlib.counter_terms(loss.higher_derivatives, params, 2)
+    for key in params:
+        assert torch.equal(through[key], exact[key])
+        assert torch.equal(xi_2[key], exact_xi_2[key])
