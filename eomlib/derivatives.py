@@ -4,15 +4,16 @@ Two ways lead to ``H v``:
 
 * reverse over reverse: build the gradient with its own autograd graph, then
   differentiate ``<g(params), v>`` once more. Run by ``torch.autograd`` directly it
-  measured fastest on every case of the benchmark (about 2 gradients for an HVP, see
-  the performance appendix), and the gradient's graph can serve many vectors.
+  was the faster of the two on every case of the benchmark (the performance
+  appendix has the figures), and one gradient graph serves any number of vectors.
 * forward over reverse: push the tangent ``v`` through the gradient with
-  ``torch.func.jvp``. It costs about as many operations, but PyTorch's forward mode
-  ran 1.5 to 2 times slower here.
+  ``torch.func.jvp``. By operation count it is at most about three gradients too.
 
 ``method="auto"`` takes reverse over reverse, and falls back to forward over reverse,
 with one logged notice, for a loss with an operation that cannot be differentiated
-twice in reverse mode. Inside a ``torch.func`` transform (``vmap``, ``grad``), or for
+twice in reverse mode. An operation whose backward is marked ``once_differentiable``
+raises :class:`SecondDerivativeError`: autograd would report its second derivative
+as zero. Inside a ``torch.func`` transform (``vmap``, ``grad``), or for
 params that carry an autograd graph of the caller, every function here runs through
 ``torch.func`` instead, so it composes like any other torch function.
 """

@@ -42,7 +42,7 @@ def test_rounds_alternate_with_the_gradient_and_respect_the_bounds():
 def _results(ratios, peers):
     rows = [dict(name=name, group="x", ratio=r) for name, r in ratios.items()]
     rows += [dict(name=name, group="peer hvp", ratio=r) for name, r in peers.items()]
-    return {"cases": {"case": {"rows": rows}}}
+    return {"cases": {"mlp-float32": {"rows": rows}}}
 
 
 def test_targets_compare_with_their_limits_and_the_fastest_peer():
