@@ -290,7 +290,7 @@ class BatchStatisticsNorm(nn.Module):
         )
 
 
-class BatchNormFromPrimitives(nn.Module):
+class BatchNormFromPrimitives(BatchStatisticsNorm):
     """Training-mode batch normalisation written with elementary operations.
 
     Its value is that of ``nn.BatchNorm1d/2d/3d`` in training mode: each channel is
@@ -301,14 +301,6 @@ class BatchNormFromPrimitives(nn.Module):
     reverse and forward mode (pytorch/pytorch#186256 and #196699), and the counter
     terms need them all.
     """
-
-    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        self.eps = norm.eps
-        self.weight, self.bias = norm.weight, norm.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(x, self.weight, self.bias)
 
     def normalize(self, x, weight=None, bias=None) -> torch.Tensor:
         """``x`` normalised per channel, then scaled by ``weight`` and shifted by
