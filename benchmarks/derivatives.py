@@ -13,7 +13,9 @@ optional: ``pip install -e ".[bench]"`` installs them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 
 from eomlib import benchmark
 
@@ -45,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", help="folder for the JSON (default results/cpu or results/gpu)"
     )
+    parser.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="let torch.compile reuse its on-disk cache; by default it gets an empty "
+        "one, so the compile times are those of a first run",
+    )
     args = parser.parse_args(argv)
+    if not args.warm_compile_cache:
+        # Inductor reads its cache folder from here at every compilation.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
 
     results = benchmark.run(
         args.cases,
@@ -56,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         integrate=not args.no_integration,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
+    results["meta"]["compile_cache"] = "warm" if args.warm_compile_cache else "empty"
     print(benchmark.report(results))
     out = args.out or ("results/cpu" if args.device == "cpu" else "results/gpu")
     print(f"wrote {benchmark.save(results, out)}")
