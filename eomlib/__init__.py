@@ -12,6 +12,7 @@ build on them.
 from eomlib.counter_terms import counter_terms
 from eomlib.data import DATASETS, Dataset, load_dataset
 from eomlib.derivatives import (
+    SecondDerivativeError,
     batched_hvp,
     grad,
     grad_and_hvp,
@@ -52,6 +53,7 @@ __all__ = [
     "Comparison",
     "DivergenceError",
     "Problem",
+    "SecondDerivativeError",
     "batched_hvp",
     "check_parameters",
     "compare_with_gd",

@@ -14,13 +14,13 @@ derives the coefficients exactly).
 
 How they are evaluated. A tree ``[c_1, ..., c_m]`` stands for
 ``D^m g[G(c_1), ..., G(c_m)]``, which is one reverse pass through the graph of its
-*prefix* ``[c_1, ..., c_{m-1}]`` (itself a tree, kept as a differentiable function of
-params) against the vector ``G(c_m)``. So the gradient's graph is built once, every
-prefix's graph once, and each tree costs one pass: ``T(g, g)``, ``T(g, Hg)`` and
-``D^4 f(g, g, g)`` all start from the graph of ``Hg``. The trees that only feed the sum
-of one counter term are not evaluated one by one at all: those that share a prefix
-are one pass against the combination of their last children, since a pass is linear
-in its vector.
+*prefix* against the vector ``G(c_m)``: with ``c_m`` its largest child, the prefix
+``[c_1, ..., c_{m-1}]`` is itself a tree, kept as a differentiable function of params.
+So the gradient's graph is built once, every prefix's graph once, and each tree costs
+one pass: ``T(g, g)`` and ``T(g, Hg)`` start from the graph of ``Hg``, ``D^4 f(g, g,
+g)`` from that of ``T(g, g)``. The trees that only feed the sum of one counter term
+are not evaluated one by one at all: those that share a prefix are one pass against
+the combination of their last children, since a pass is linear in its vector.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from eomlib.derivatives import (
     AutogradPoint,
     Loss,
     autograd_applies,
-    for_higher_derivatives,
+    for_second_order,
     grad,
     grad_derivative,
     reverse_or_forward,
@@ -79,8 +79,8 @@ def counter_terms_and_grad(
     check_order(order, minimum=1)
     check_choice(method, "method", HVP_METHODS)
     plan = evaluation_plan(order)
-    if order >= 2:  # T(g, g) and beyond: third and higher derivatives
-        loss = for_higher_derivatives(loss)
+    if order == 1:  # H g: no derivative above the second
+        loss = for_second_order(loss)
 
     def reverse():
         if autograd_applies(params):

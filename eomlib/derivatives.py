@@ -43,6 +43,7 @@ _forward_only: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def grad(loss: Loss, params: Tree) -> Tree:
     """The gradient ``g = grad f(params)``, in the structure of ``params``."""
+    loss = for_second_order(loss)
     if not autograd_applies(params):
         return func.grad(loss)(params)
     point = AutogradPoint(loss, params)
@@ -78,6 +79,7 @@ def grad_and_hvp(
     """The gradient and ``H v`` together, from one pass through the loss."""
     check_choice(method, "method", HVP_METHODS)
     _tree.check_same_structure(params, v, ("params", "v"))
+    loss = for_second_order(loss)
     return reverse_or_forward(
         loss,
         method,
@@ -105,6 +107,7 @@ def batched_hvp(
     check_choice(method, "method", HVP_METHODS)
     first = _tree.tree_map(lambda leaf: leaf[0], vectors)
     _tree.check_same_structure(params, first, ("params", "vectors[0]"))
+    loss = for_second_order(loss)
     return reverse_or_forward(
         loss,
         method,
@@ -130,8 +133,8 @@ def grad_derivative(
         _tree.check_same_structure(params, v, ("params", f"vectors[{i}]"))
     if not vectors:
         return grad(loss, params)
-    if len(vectors) >= 2:
-        loss = for_higher_derivatives(loss)
+    if len(vectors) == 1:
+        loss = for_second_order(loss)
     return reverse_or_forward(
         loss,
         method,
@@ -140,15 +143,17 @@ def grad_derivative(
     )
 
 
-def for_higher_derivatives(loss: Loss) -> Loss:
-    """The version of ``loss`` to differentiate three or more times.
+def for_second_order(loss: Loss) -> Loss:
+    """The version of ``loss`` to differentiate once or twice.
 
-    A loss may carry, as its attribute ``higher_derivatives``, another function of
-    the same value whose third and higher derivatives are exact: the BatchNorm
-    networks of :mod:`eomlib.models` do, because PyTorch's fused ``batch_norm``
-    gets those wrong. Every third or higher derivative here goes through it.
+    A loss may carry, as its attribute ``second_order``, a faster function of the
+    same value whose first and second derivatives are exact but whose higher ones
+    need not be: the BatchNorm networks of :mod:`eomlib.models` do, through
+    PyTorch's fused ``batch_norm``. Gradients and Hessian-vector products here go
+    through it; third and higher derivatives through ``loss`` itself. A wrapper that
+    drops the attribute loses speed, never exactness.
     """
-    return getattr(loss, "higher_derivatives", loss)
+    return getattr(loss, "second_order", loss)
 
 
 class AutogradPoint:
@@ -166,8 +171,8 @@ class AutogradPoint:
         self.inputs = [leaf.detach().requires_grad_() for leaf in _tree.leaves(params)]
 
     def tree(self, tensors: list[torch.Tensor], detach: bool = True) -> Tree:
-        """``tensors`` in the structure of params, detached unless they carry no
-        graph already."""
+        """``tensors`` in the structure of params, detached unless ``detach`` is
+        false."""
         detached = [tensor.detach() for tensor in tensors] if detach else tensors
         return _tree.rebuild(detached, self.like)
 
@@ -179,6 +184,8 @@ class AutogradPoint:
                 raise ValueError(
                     f"loss must return a 0-d tensor; got shape {tuple(value.shape)}"
                 )
+            if create_graph:
+                _check_twice_differentiable(self.loss, value)
             return self.pullback(
                 [value], [torch.ones_like(value)], create_graph, retain=create_graph
             )
@@ -215,9 +222,6 @@ class AutogradPoint:
             if "once_differentiable" in str(error):
                 raise SecondDerivativeError(_ONCE_DIFFERENTIABLE) from error
             raise
-
-        if any(r is None for r in result):
-            _check_no_once_differentiable(o for o, _ in pairs)
         return [
             torch.zeros_like(x if not batched else _batched_like(x, vectors[0]))
             if r is None
@@ -235,18 +239,36 @@ def _batched_like(leaf: torch.Tensor, batched: torch.Tensor) -> torch.Tensor:
     return leaf.new_zeros((batched.shape[0], *leaf.shape))
 
 
-def _check_no_once_differentiable(outputs) -> None:
-    """Raise if an output's graph passes through a backward that refuses to be
-    differentiated: autograd would report it as unused, a silent zero."""
-    seen, stack = set(), [o.grad_fn for o in outputs]
+def _check_twice_differentiable(loss: Loss, value: torch.Tensor) -> None:
+    """Raise if the graph of ``value`` passes through an ``autograd.Function`` whose
+    backward is marked ``once_differentiable``: autograd would report the second
+    derivative through it as unused, a silent zero. Any other custom Function is
+    trusted, as PyTorch's contract has it, to have a differentiable backward. A loss
+    that passed is not walked again."""
+    if _checked.get(loss, False):
+        return
+    seen, stack = set(), [value.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "Error" in type(node).__name__:
+        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
             raise SecondDerivativeError(_ONCE_DIFFERENTIABLE)
         stack.extend(next_node for next_node, _ in node.next_functions)
+    try:
+        _checked[loss] = True
+    except TypeError:  # NOTE: objects without weak references are walked each time
+        pass
+
+
+# Losses whose graph has been walked for once-differentiable operations.
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The code of the wrapper that ``once_differentiable`` puts around a backward.
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(
+    lambda ctx: None
+).__code__
 
 
 class SecondDerivativeError(RuntimeError):
@@ -386,6 +408,7 @@ def top_eigenvalue(
 
 def _hessian_operator(loss: Loss, params: Tree) -> Callable[[Tree], Tree]:
     """``v -> H v`` at fixed params, sharing one gradient graph when it can."""
+    loss = for_second_order(loss)
     if not autograd_applies(params) or loss in _forward_only:
         return lambda v: hvp(loss, params, v)
     point = AutogradPoint(loss, params)

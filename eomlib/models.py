@@ -1,10 +1,12 @@
 """Networks built from a seed, and their full-batch losses as functions of params.
 
-A network is driven through ``torch.func.functional_call``, so that its loss is a
-plain function of a dict of parameters that torch.func can differentiate. The module
-itself is never changed. The ``bn_`` networks put a BatchNorm after every hidden
-layer, whose weights are then scale-invariant; in every network the last linear layer
-feeds the softmax, and is translation-invariant.
+A network's loss is a plain function of a dict of parameters, which torch.autograd
+and torch.func can both differentiate. An ``nn.Sequential`` of the layers used here
+runs layer by layer through their functional forms, any other module through
+``torch.func.functional_call``; the module itself is never changed. The ``bn_``
+networks put a BatchNorm after every hidden layer, whose weights are then
+scale-invariant; in every network the last linear layer feeds the softmax, and is
+translation-invariant.
 """
 
 from __future__ import annotations
@@ -156,16 +158,19 @@ def make_loss(model: nn.Module, data: Dataset) -> Loss:
     torch.func transform, ``vmap`` included, can take.
 
     With BatchNorm the loss comes in two versions of the same value. The loss itself
-    runs PyTorch's fused ``batch_norm``, whose first and second derivatives are right
-    and fast; its attribute ``higher_derivatives`` is the same loss with each
-    BatchNorm as :class:`BatchNormFromPrimitives`, whose derivatives are right at
-    every order. ``eomlib`` takes third and higher derivatives from that version.
+    writes each BatchNorm as :class:`BatchNormFromPrimitives`, whose derivatives are
+    right at every order. Its attribute ``second_order`` runs PyTorch's fused
+    ``batch_norm`` instead, whose first and second derivatives are right and faster
+    but whose third and higher are not; ``eomlib`` takes gradients and
+    Hessian-vector products from it (see :func:`eomlib.derivatives.for_second_order`).
     """
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return _loss_of(copy.deepcopy(model), data)
-    loss = _loss_of(_with_batch_norms(copy.deepcopy(model), BatchStatisticsNorm), data)
-    loss.higher_derivatives = _loss_of(
+    loss = _loss_of(
         _with_batch_norms(copy.deepcopy(model), BatchNormFromPrimitives), data
+    )
+    loss.second_order = _loss_of(
+        _with_batch_norms(copy.deepcopy(model), BatchStatisticsNorm), data
     )
     return loss
 
@@ -193,24 +198,23 @@ def _layer_by_layer(module: nn.Module):
     module, which then runs through ``functional_call``.
 
     It computes what ``functional_call`` computes, without swapping the params into
-    the module and back on every call; on the digits MLP that was a third of a
-    gradient's time (see the performance appendix).
+    the module and back on every call. A layer that appears twice (shared weights)
+    or carries a hook sends the module to ``functional_call``, and so does any
+    global module hook registered when the loss is called.
     """
-    if type(module) is not nn.Sequential:
+    if type(module) is not nn.Sequential or _has_hooks(module):
         return None
-    steps = []
-    for name, layer in module.named_children():
+    steps, seen = [], set()
+    for name, layer in module._modules.items():
         kind = type(layer)
+        if layer is None or id(layer) in seen or _has_hooks(layer):
+            return None
+        seen.add(id(layer))
         if kind is nn.Linear:
             steps.append(partial(_linear, f"{name}.weight", _bias_name(layer, name)))
         elif kind is nn.Conv2d and layer.padding_mode == "zeros":
             steps.append(
-                partial(
-                    _conv2d,
-                    layer,
-                    f"{name}.weight",
-                    _bias_name(layer, name),
-                )
+                partial(_conv2d, layer, f"{name}.weight", _bias_name(layer, name))
             )
         elif kind in (BatchNormFromPrimitives, BatchStatisticsNorm):
             steps.append(partial(_batch_norm, layer, name))
@@ -222,14 +226,36 @@ def _layer_by_layer(module: nn.Module):
             steps.append(partial(_stateless, layer))
         else:
             return None
+    through_module = partial(functional_call, module)
 
     def forward(params, args):
+        if _global_hooks():
+            return through_module(params, args)
         (x,) = args
         for step in steps:
             x = step(params, x)
         return x
 
     return forward
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
 
 
 _STATELESS = (
@@ -273,8 +299,8 @@ def _stateless(layer, params, x):
 
 class BatchStatisticsNorm(nn.Module):
     """Training-mode batch normalisation without running statistics, through
-    PyTorch's fused ``batch_norm``. Its third and higher derivatives are wrong (see
-    :class:`BatchNormFromPrimitives`); its first and second are right."""
+    PyTorch's fused ``batch_norm``, whose first and second derivatives are right and
+    third and higher wrong; :class:`BatchNormFromPrimitives` replaces the kernel."""
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
         super().__init__()

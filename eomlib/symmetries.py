@@ -90,7 +90,8 @@ def with_weight_decay(loss: Loss, weight_decay: float) -> Loss:
     """``loss(params) + weight_decay / 2 * |params|^2``.
 
     GD on it is SGD with (coupled) weight decay: ``params - lr (g + weight_decay
-    params)``. A ``weight_decay`` of zero returns ``loss`` itself.
+    params)``. A ``weight_decay`` of zero returns ``loss`` itself. The faster
+    ``second_order`` version of ``loss``, when it has one, is decayed alike.
     """
     weight_decay = check_nonnegative(weight_decay, "weight_decay")
     if weight_decay == 0:
@@ -99,6 +100,8 @@ def with_weight_decay(loss: Loss, weight_decay: float) -> Loss:
     def decayed(params: Tree) -> torch.Tensor:
         return loss(params) + 0.5 * weight_decay * _tree.dot(params, params)
 
+    if hasattr(loss, "second_order"):
+        decayed.second_order = with_weight_decay(loss.second_order, weight_decay)
     return decayed
 
 

@@ -179,13 +179,39 @@ class _OnceDifferentiableSoftplus(torch.autograd.Function):
         return go * torch.sigmoid(x)
 
 
-def test_a_once_differentiable_operation_raises_instead_of_giving_zeros():
+@pytest.mark.parametrize(
+    "loss",
+    [
+        # The backward's input requires grad: autograd leaves an error node.
+        lambda x: _OnceDifferentiableSoftplus.apply(x).pow(2).sum(),
+        # It does not: the gradient carries no graph at all.
+        lambda x: _OnceDifferentiableSoftplus.apply(x).sum(),
+    ],
+    ids=["squared", "summed"],
+)
+@pytest.mark.parametrize(
+    "derivative",
+    [
+        lambda loss, x: eomlib.hvp(loss, x, x),
+        lambda loss, x: eomlib.batched_hvp(loss, x, x[None]),
+        lambda loss, x: eomlib.counter_terms(loss, x, 2),
+        lambda loss, x: eomlib.top_eigenvalue(loss, x),
+    ],
+    ids=["hvp", "batched_hvp", "counter_terms", "top_eigenvalue"],
+)
+def test_a_once_differentiable_operation_raises_instead_of_giving_zeros(
+    loss, derivative
+):
     # autograd reports such an input as unused, which would read as H = 0.
     params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
     with pytest.raises(SecondDerivativeError, match="once_differentiable"):
-        eomlib.hvp(
-            lambda x: _OnceDifferentiableSoftplus.apply(x).pow(2).sum(), params, params
-        )
+        derivative(loss, params)
+
+
+def test_a_once_differentiable_operation_still_has_a_gradient():
+    params = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+    g = eomlib.grad(lambda x: _OnceDifferentiableSoftplus.apply(x).sum(), params)
+    torch.testing.assert_close(g, torch.sigmoid(params))
 
 
 def test_a_loss_linear_in_some_parameters_has_zero_hessian_rows():

@@ -186,7 +186,7 @@ def test_other_modules_run_through_functional_call():
 def test_the_fused_batch_norm_loss_has_the_exact_first_and_second_derivatives(name):
     options = {"hidden": (6, 5)} if "mlp" in name else {"channels": 2, "blocks": 2}
     problem = eomlib.make_problem(name, "digits", seed=2, num_samples=40, **options)
-    fused, exact = problem.loss, problem.loss.higher_derivatives
+    exact, fused = problem.loss, problem.loss.second_order
     params = problem.params
     v = eomlib.grad(exact, params)
     torch.testing.assert_close(fused(params), exact(params), atol=1e-14, rtol=0)
@@ -198,14 +198,80 @@ def test_the_fused_batch_norm_loss_has_the_exact_first_and_second_derivatives(na
             torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=0)
 
 
-def test_third_derivatives_and_higher_counter_terms_use_the_exact_version(bn_problem):
+def test_gradients_and_products_use_the_fused_version_and_nothing_higher(bn_problem):
+    loss, params = bn_problem.loss, bn_problem.params
+    fused = loss.second_order
+    v = eomlib.grad(fused, params)
+    for through, direct in [
+        (eomlib.grad(loss, params), v),
+        (eomlib.hvp(loss, params, v), eomlib.hvp(fused, params, v)),
+        (
+            eomlib.counter_terms(loss, params, 1)[0],
+            eomlib.counter_terms(fused, params, 1)[0],
+        ),
+    ]:
+        for key in params:
+            assert torch.equal(through[key], direct[key])
+    # The fused version's third derivatives are wrong: they must not leak in.
+    exact_third = eomlib.grad_derivative(loss, params, [v, v])
+    fused_third = eomlib.grad_derivative(fused, params, [v, v])
+    assert any(not torch.allclose(exact_third[k], fused_third[k]) for k in params)
+
+
+def test_a_wrapped_batch_norm_loss_keeps_exact_third_derivatives(bn_problem):
+    """A wrapper that drops ``second_order`` loses speed, not exactness; weight
+    decay keeps it."""
     loss, params = bn_problem.loss, bn_problem.params
     v = eomlib.grad(loss, params)
-    assert loss.higher_derivatives is not loss
-    through = eomlib.grad_derivative(loss, params, [v, v])
-    exact = eomlib.grad_derivative(loss.higher_derivatives, params, [v, v])
-    _, xi_2 = eomlib.counter_terms(loss, params, 2)
-    _, exact_xi_2 = eomlib.counter_terms(loss.higher_derivatives, params, 2)
-    for key in params:
-        assert torch.equal(through[key], exact[key])
-        assert torch.equal(xi_2[key], exact_xi_2[key])
+    decayed = eomlib.with_weight_decay(loss, 0.1)
+    assert decayed.second_order is not loss.second_order
+    wrapped = lambda p: loss(p)  # noqa: E731
+    expected = eomlib.grad_derivative(loss, params, [v, v])
+    for key_loss in (decayed, wrapped):
+        third = eomlib.grad_derivative(key_loss, params, [v, v])
+        for key in params:  # the quadratic decay has no third derivative
+            torch.testing.assert_close(third[key], expected[key], atol=1e-12, rtol=0)
+    for key, value in eomlib.grad(decayed, params).items():
+        torch.testing.assert_close(value, v[key] + 0.1 * params[key])
+
+
+def _sequential_loss(model, data):
+    return eomlib.make_loss(model, data), eomlib.initial_params(model)
+
+
+def test_a_layer_used_twice_runs_through_functional_call():
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(nn.Linear(64, 5), nn.Tanh(), shared, nn.Tanh(), shared)
+    model = nn.Sequential(*model, nn.Linear(5, 10)).double()
+    assert models._layer_by_layer(model) is None
+    data = eomlib.load_dataset("digits", num_samples=20)
+    loss, params = _sequential_loss(model, data)
+    expected = nn.functional.cross_entropy(model(data.X), data.y)
+    torch.testing.assert_close(loss(params), expected)
+
+
+def test_a_module_with_a_hook_runs_through_functional_call():
+    model = nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10)).double()
+    model[1].register_forward_hook(lambda module, args, out: 2 * out)
+    assert models._layer_by_layer(model) is None
+    data = eomlib.load_dataset("digits", num_samples=20)
+    loss, params = _sequential_loss(model, data)
+    expected = nn.functional.cross_entropy(model(data.X), data.y)
+    torch.testing.assert_close(loss(params), expected)
+
+
+def test_a_global_forward_hook_is_honoured():
+    model = nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10)).double()
+    data = eomlib.load_dataset("digits", num_samples=20)
+    loss, params = _sequential_loss(model, data)
+    plain = loss(params)
+    hook = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: 2 * out if isinstance(module, nn.Tanh) else None
+    )
+    try:
+        doubled = loss(params)
+        expected = nn.functional.cross_entropy(model(data.X), data.y)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(doubled, expected)
+    assert not torch.allclose(doubled, plain)
