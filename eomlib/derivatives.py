@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from torch import func
+from torch import Tensor, func
 
 from eomlib import _tree
 from eomlib._checks import check_choice, check_int
@@ -46,8 +46,30 @@ def grad(loss: Loss, params: Tree) -> Tree:
     loss = for_second_order(loss)
     if not autograd_applies(params):
         return func.grad(loss)(params)
-    point = AutogradPoint(loss, params)
-    return point.tree(point.gradient(create_graph=False), detach=False)
+    inputs = [leaf.detach() for leaf in _tree.leaves(params)]
+    return _tree.rebuild(gradient_at(loss, inputs, params), params)
+
+
+def gradient_at(loss: Loss, inputs: list[torch.Tensor], like: Tree) -> list[Tensor]:
+    """The gradient of ``loss`` at the tensors ``inputs``, leaf by leaf: the one
+    reverse pass of :func:`grad` with nothing around it, for loops that call it many
+    times (the iterates field, GD). ``inputs`` are tensors without a graph, in the
+    order of ``_tree.leaves(like)``; they are marked as requiring grad in place.
+    ``loss`` is differentiated as given (no :func:`for_second_order`)."""
+    for leaf in inputs:
+        leaf.requires_grad_()
+    with torch.enable_grad():
+        value = loss(_tree.rebuild(inputs, like))
+        if value.dim() != 0:
+            raise ValueError(
+                f"loss must return a 0-d tensor; got shape {tuple(value.shape)}"
+            )
+        if not value.requires_grad:
+            return [torch.zeros_like(leaf) for leaf in inputs]
+        result = torch.autograd.grad(value, inputs, allow_unused=True)
+    return [
+        torch.zeros_like(leaf) if r is None else r for r, leaf in zip(result, inputs)
+    ]
 
 
 def hvp(loss: Loss, params: Tree, v: Tree, *, method: str = "auto") -> Tree:

@@ -22,7 +22,14 @@ from eomlib import _tree
 from eomlib._checks import check_choice, check_int, check_lr
 from eomlib._tree import Tree
 from eomlib.counter_terms import check_order, counter_terms_and_grad
-from eomlib.derivatives import Loss, grad, top_eigenvalue
+from eomlib.derivatives import (
+    Loss,
+    autograd_applies,
+    for_second_order,
+    grad,
+    gradient_at,
+    top_eigenvalue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +103,39 @@ def flow_fields(loss: Loss, params: Tree, lr: float, orders) -> dict[int, Tree]:
 
 def _iterates_field(loss: Loss, lr: float, order: int) -> Field:
     weights = [float(w) for w in log_step_weights(order)]
+    fast = for_second_order(loss)
 
     def field(params: Tree) -> Tree:
-        current, total = params, None
-        # torch._foreach_* act on all leaves at once, as torch.optim's steps do.
+        if not autograd_applies(params):
+            return _iterates_field_functional(loss, lr, weights, params)
+        current = [leaf.detach() for leaf in _tree.leaves(params)]
+        total = None
         for i, weight in enumerate(weights):
-            g = _tree.leaves(grad(loss, current))
-            if total is None:
-                total = torch._foreach_mul(g, -weight)
-            else:
-                torch._foreach_add_(total, g, alpha=-weight)
-            if i < order:
-                steps = torch._foreach_add(_tree.leaves(current), g, alpha=-lr)
-                current = _tree.rebuild(steps, params)
+            g = gradient_at(fast, current, params)
+            with torch.no_grad():
+                # torch._foreach_* act on all leaves at once, as torch.optim does.
+                if total is None:
+                    total = torch._foreach_mul(g, -weight)
+                else:
+                    torch._foreach_add_(total, g, alpha=-weight)
+                if i < order:
+                    current = torch._foreach_add(current, g, alpha=-lr)
         return _tree.rebuild(total, params)
 
     return field
+
+
+def _iterates_field_functional(loss, lr, weights, params):
+    """The iterates field inside a torch.func transform or on params with a graph."""
+    current, total = params, None
+    for i, weight in enumerate(weights):
+        g = grad(loss, current)
+        total = (
+            _tree.scale(-weight, g) if total is None else _tree.axpy(-weight, g, total)
+        )
+        if i < len(weights) - 1:
+            current = _tree.axpy(-lr, g, current)
+    return total
 
 
 def log_step_weights(order: int) -> list[Fraction]:

@@ -57,6 +57,20 @@ def test_targets_compare_with_their_limits_and_the_fastest_peer():
     assert "fast peer, 2.40" in peer["target"] and not peer["met"]
 
 
+def test_side_by_side_timings_decide_the_peer_target_by_the_hardest_peer():
+    results = _results(
+        {"hvp, reverse over reverse": 2.5},
+        {"slow peer": 5.0, "fast peer": 2.4},
+    )
+    results["cases"]["mlp-float32"]["head_to_head"] = {
+        "slow peer": dict(ratio=0.5),
+        "fast peer": dict(ratio=0.97),
+    }
+    (peer,) = [c for c in benchmark.check_targets(results) if "peer" in c["target"]]
+    assert peer["target"] == "hvp / fast peer <= 1, side by side"
+    assert peer["measured"] == 0.97 and peer["met"]
+
+
 def test_the_latest_results_are_the_newest_by_date(tmp_path):
     for date in ("2026-01-02", "2026-11-30", "2025-12-31"):
         (tmp_path / f"benchmark-cpu-{date}.json").write_text(json.dumps({"d": date}))

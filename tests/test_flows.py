@@ -157,6 +157,23 @@ def test_the_iterates_field_of_order_zero_is_minus_the_gradient(case):
     )
 
 
+@pytest.mark.parametrize("order", [1, 3])
+def test_the_iterates_field_is_the_same_inside_vmap(order):
+    # Under a torch.func transform the field takes its functional path; a batch of
+    # one point must give what the direct autograd path gives at that point.
+    problem = _small_network()
+    field = eomlib.eom_field(problem.loss, 0.05, order, method="iterates")
+    batched = torch.func.vmap(field)(
+        _tree.tree_map(lambda x: x.unsqueeze(0), problem.params)
+    )
+    torch.testing.assert_close(
+        _tree.flatten(_tree.tree_map(lambda x: x[0], batched)),
+        _tree.flatten(field(problem.params)),
+        atol=1e-12,
+        rtol=1e-10,
+    )
+
+
 def test_on_a_quadratic_the_iterates_field_is_a_truncated_logarithm():
     # GD is (1 - lr A); the forward differences of its iterates are (-lr A)^m params,
     # so the field is -sum_{m<=K+1} (lr A)^m / (m lr) params.
