@@ -48,6 +48,29 @@ def check_same_structure(tree: Tree, other: Tree, names: tuple[str, str]) -> Non
             )
 
 
+def check_floating(tree: Tree, name: str = "params") -> None:
+    """Raise ``TypeError`` naming the leaf unless every leaf is a floating-point
+    tensor: derivatives exist only for those."""
+    pairs = [("", tree)] if isinstance(tree, torch.Tensor) else _items(tree)
+    for key, leaf in pairs:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{name}{key} must be a tensor; got {type(leaf).__name__}")
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name}{key} must be a floating-point tensor to be differentiated; "
+                f"got dtype={leaf.dtype}; allowed: float32, float64 (or another "
+                "floating dtype)"
+            )
+
+
+def _items(tree):
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"params must be a tensor or a dict of tensors; got {type(tree).__name__}"
+        )
+    return [(f"[{key!r}]", leaf) for key, leaf in tree.items()]
+
+
 def _named_pairs(tree: Tree, other: Tree):
     if isinstance(tree, torch.Tensor):
         yield "", (tree, other)

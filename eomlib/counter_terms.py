@@ -78,6 +78,7 @@ def counter_terms_and_grad(
     """The gradient and the counter terms, sharing every derivative in common."""
     check_order(order, minimum=1)
     check_choice(method, "method", HVP_METHODS)
+    _tree.check_floating(params)
     plan = evaluation_plan(order)
     if order == 1:  # H g: no derivative above the second
         loss = for_second_order(loss)
@@ -92,6 +93,7 @@ def counter_terms_and_grad(
         method,
         reverse=reverse,
         forward=lambda: _tree_by_tree(loss, params, order, "forward"),
+        params=params,
     )
 
 

@@ -43,6 +43,7 @@ _forward_only: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def grad(loss: Loss, params: Tree) -> Tree:
     """The gradient ``g = grad f(params)``, in the structure of ``params``."""
+    _tree.check_floating(params)
     loss = for_second_order(loss)
     if not autograd_applies(params):
         return func.grad(loss)(params)
@@ -100,6 +101,7 @@ def grad_and_hvp(
 ) -> tuple[Tree, Tree]:
     """The gradient and ``H v`` together, from one pass through the loss."""
     check_choice(method, "method", HVP_METHODS)
+    _tree.check_floating(params)
     _tree.check_same_structure(params, v, ("params", "v"))
     loss = for_second_order(loss)
     return reverse_or_forward(
@@ -107,6 +109,7 @@ def grad_and_hvp(
         method,
         reverse=lambda: _grad_and_hvp_reverse(loss, params, v),
         forward=lambda: func.jvp(func.grad(loss), (params,), (v,)),
+        params=params,
     )
 
 
@@ -127,6 +130,7 @@ def batched_hvp(
                 [1., 3.]])
     """
     check_choice(method, "method", HVP_METHODS)
+    _tree.check_floating(params)
     first = _tree.tree_map(lambda leaf: leaf[0], vectors)
     _tree.check_same_structure(params, first, ("params", "vectors[0]"))
     loss = for_second_order(loss)
@@ -137,6 +141,7 @@ def batched_hvp(
         forward=lambda: func.vmap(
             lambda v: func.jvp(func.grad(loss), (params,), (v,))[1]
         )(vectors),
+        params=params,
     )
 
 
@@ -151,6 +156,7 @@ def grad_derivative(
     symmetric) or, with ``method="forward"``, forward mode (``jvp``).
     """
     check_choice(method, "method", HVP_METHODS)
+    _tree.check_floating(params)
     for i, v in enumerate(vectors):
         _tree.check_same_structure(params, v, ("params", f"vectors[{i}]"))
     if not vectors:
@@ -162,6 +168,7 @@ def grad_derivative(
         method,
         reverse=lambda: _grad_derivative_reverse(loss, params, vectors),
         forward=lambda: _nested(loss, params, vectors, _forward_step),
+        params=params,
     )
 
 
@@ -343,12 +350,14 @@ def _grad_derivative_reverse(loss: Loss, params: Tree, vectors: list[Tree]) -> T
     return point.tree(outputs)
 
 
-def reverse_or_forward(loss: Loss, method: str, reverse, forward):
+def reverse_or_forward(loss: Loss, method: str, reverse, forward, params=None):
     """Run ``reverse``, or ``forward`` when asked to or when reverse mode fails for
     want of a double-backward rule (then once more with a logged notice, and for
-    good for ``loss``)."""
+    good for ``loss``). A forward pass that fails for want of a forward-mode rule
+    raises ``NotImplementedError`` naming the operations without one (found at
+    ``params``, when given)."""
     if method == "forward" or (method == "auto" and loss in _forward_only):
-        return forward()
+        return _forward_or_explain(loss, params, forward)
     try:
         return reverse()
     except SecondDerivativeError:
@@ -363,7 +372,57 @@ def reverse_or_forward(loss: Loss, method: str, reverse, forward):
             str(error).splitlines()[0],
         )
         _remember_forward_only(loss)
+        return _forward_or_explain(loss, params, forward)
+
+
+def _forward_or_explain(loss: Loss, params, forward):
+    try:
         return forward()
+    except _MissingForwardRuleError:
+        raise
+    except (NotImplementedError, RuntimeError) as error:
+        message = str(error)
+        if "jvp" not in message and "forward AD" not in message:
+            raise
+        missing = _operations_without_jvp(loss, params)
+        named = f": {', '.join(missing)}" if missing else ""
+        raise _MissingForwardRuleError(
+            "forward mode needs a forward-mode (jvp) rule for every operation of "
+            f"the loss, and some have none{named}. method='reverse' (or 'auto') "
+            "needs backward rules only; or give the operation a jvp. torch said: "
+            f"{message.splitlines()[0]}"
+        ) from error
+
+
+class _MissingForwardRuleError(NotImplementedError):
+    """Forward mode failed for want of a jvp rule; the message names the
+    operations."""
+
+
+def _operations_without_jvp(loss: Loss, params) -> list[str]:
+    """The custom ``autograd.Function`` classes in the graph of ``loss`` at
+    ``params`` that define no ``jvp`` (torch's own operations name themselves in
+    its error)."""
+    if params is None or not autograd_applies(params):
+        return []
+    base = torch.autograd.function._SingleLevelFunction.jvp
+    inputs = [leaf.detach().requires_grad_() for leaf in _tree.leaves(params)]
+    with torch.enable_grad():
+        try:
+            value = loss(_tree.rebuild(inputs, params))
+        except Exception:  # NOTE: only an error message depends on this
+            return []
+    names, seen, stack = set(), set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and getattr(cls, "jvp", base) is base:
+            names.add(f"{cls.__module__}.{cls.__qualname__}")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(names)
 
 
 def _forward_step(fn, v):
@@ -410,6 +469,7 @@ def top_eigenvalue(
     built once and serves every product.
     """
     check_int(num_iters, "num_iters", minimum=1)
+    _tree.check_floating(params)
     generator = torch.Generator().manual_seed(seed)
     v = _tree.tree_map(
         lambda p: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device),

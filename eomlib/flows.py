@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torchdiffeq
 from tqdm import tqdm
 
 from eomlib import _tree
-from eomlib._checks import check_choice, check_int, check_lr
+from eomlib._checks import check_choice, check_int, check_lr, check_lrs
 from eomlib._tree import Tree
 from eomlib.counter_terms import check_order, counter_terms_and_grad
 from eomlib.derivatives import (
@@ -45,7 +47,24 @@ def order_name(order: int) -> str:
 
 
 class DivergenceError(FloatingPointError):
-    """GD produced a non-finite value; the message names the step and learning rate."""
+    """GD produced a non-finite value; the message names the step, the learning
+    rate and the measured ``lr * lambda_max``."""
+
+
+class SeriesDivergenceError(DivergenceError):
+    """``lr * |lambda|_max >= 1`` along GD: the counter-term series cannot converge.
+
+    On a quadratic with curvature ``lambda`` a GD step multiplies the offset by
+    ``1 - lr lambda``, and the EoM is ``d params/dt = log(1 - lr lambda)/lr params``:
+    the series of ``log`` converges only for ``|lr lambda| < 1``, and for
+    ``lr lambda >= 1`` no real flow passes through the iterates (GD flips the sign,
+    though it stays stable up to 2). Truncated EoMs can still be integrated there,
+    but they no longer approximate GD order by order.
+    """
+
+
+# Above this, the counter-term series of the EoM diverges; above 2, GD does.
+SERIES_LIMIT, GD_LIMIT = 1.0, 2.0
 
 
 def eom_field(loss: Loss, lr: float, order: int, *, method: str = "autodiff") -> Field:
@@ -106,6 +125,7 @@ def _iterates_field(loss: Loss, lr: float, order: int) -> Field:
     fast = for_second_order(loss)
 
     def field(params: Tree) -> Tree:
+        _tree.check_floating(params)
         if not autograd_applies(params):
             return _iterates_field_functional(loss, lr, weights, params)
         current = [leaf.detach() for leaf in _tree.leaves(params)]
@@ -162,26 +182,96 @@ def log_step_weights(order: int) -> list[Fraction]:
 FIELD_METHODS = {"autodiff": _autodiff_field, "iterates": _iterates_field}
 
 
+def show_progress(progress: bool | None) -> bool:
+    """Whether a long loop shows a tqdm bar: as asked, or with ``None`` only when
+    standard error is a terminal outside CI (notebooks and CI logs stay quiet)."""
+    if progress is not None:
+        return bool(progress)
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("CI")
+
+
 def gd_trajectory(
-    loss: Loss, params: Tree, lr: float, num_steps: int, *, progress: bool = False
+    loss: Loss,
+    params: Tree,
+    lr: float,
+    num_steps: int,
+    *,
+    progress: bool | None = None,
 ) -> Tree:
     """The GD iterates ``params_{k+1} = params_k - lr g(params_k)``, k = 0..num_steps.
 
     Returns the iterates stacked along a new leading axis, in the structure of
     ``params``. Raises :class:`DivergenceError` at the first non-finite iterate.
+    ``progress`` is that of :func:`show_progress`.
     """
     lr = check_lr(lr)
     check_int(num_steps, "num_steps")
     iterates = [params]
-    for step in tqdm(range(num_steps), desc=f"GD lr={lr:g}", disable=not progress):
+    bar = tqdm(
+        range(num_steps), desc=f"GD lr={lr:g}", disable=not show_progress(progress)
+    )
+    for step in bar:
         params = _tree.axpy(-lr, grad(loss, params), params)
         if not torch.isfinite(_tree.flatten(params)).all():
-            raise DivergenceError(
-                f"GD diverged at step {step + 1} with lr={lr:g}: the parameters are "
-                "no longer finite; use a smaller learning rate"
-            )
+            raise DivergenceError(_divergence_message(loss, iterates, lr, step + 1))
         iterates.append(params)
     return _tree.tree_map(lambda *leaves: torch.stack(leaves), *iterates)
+
+
+def _divergence_message(loss: Loss, iterates: list, lr: float, step: int) -> str:
+    """Why GD stopped: the step, and ``lr * lambda_max`` at the last finite iterate
+    (or at the start, when the last one's curvature is not finite either)."""
+    message = (
+        f"GD diverged at step {step} with lr={lr:g}: the parameters are no longer "
+        "finite."
+    )
+    for where, point in ((step - 1, iterates[-1]), (0, iterates[0])):
+        try:
+            sharpness = abs(top_eigenvalue(loss, point, num_iters=50, rtol=1e-3))
+        except (RuntimeError, ValueError):  # NOTE: overflow in the products
+            continue
+        if math.isfinite(sharpness) and sharpness > 0:
+            return (
+                f"{message} At step {where}, lr * lambda_max = {lr * sharpness:.3g} "
+                f"(lambda_max = {sharpness:.3g}); GD is stable only below "
+                f"{GD_LIMIT:g}, so use lr < {GD_LIMIT / sharpness:.3g}."
+            )
+    return message + " Use a smaller learning rate."
+
+
+def check_series_converges(
+    loss: Loss, gd: Tree, lr: float, *, checkpoints: int = 3
+) -> list[tuple[int, float]]:
+    """``lr * |lambda|_max`` at ``checkpoints`` GD iterates spread from the first to
+    the last; raises :class:`SeriesDivergenceError` at the first that reaches 1.
+
+    ``gd`` is a trajectory of :func:`gd_trajectory` (a leading step axis). Each
+    checkpoint costs one power iteration on ``H v``. Returns ``(step, lr *
+    lambda_max)`` for each checkpoint when all are below 1; the power iteration
+    stops once its estimate changes by less than 1e-3 of itself.
+    """
+    lr = check_lr(lr)
+    check_int(checkpoints, "checkpoints", minimum=1)
+    num_steps = _tree.leaves(gd)[0].shape[0] - 1
+    steps = sorted(
+        {round(i * num_steps / max(1, checkpoints - 1)) for i in range(checkpoints)}
+    )
+    measured = []
+    for step in steps:
+        point = _tree.tree_map(lambda x, step=step: x[step], gd)
+        value = lr * abs(top_eigenvalue(loss, point, num_iters=100, rtol=1e-3))
+        if value >= SERIES_LIMIT:
+            raise SeriesDivergenceError(
+                f"the EoM's counter-term series diverges at GD step {step} with "
+                f"lr={lr:g}: lr * |lambda|_max = {value:.3g} >= {SERIES_LIMIT:g} "
+                f"(GD itself is stable below {GD_LIMIT:g}). The truncated EoM no "
+                f"longer approximates GD order by order; use lr < "
+                f"{SERIES_LIMIT * lr / value:.3g}, or pass check_series=False to "
+                "integrate it anyway."
+            )
+        measured.append((step, value))
+    return measured
 
 
 def integrate(
@@ -192,6 +282,7 @@ def integrate(
     solver: str = "dopri5",
     rtol: float = 1e-10,
     atol: float = 1e-12,
+    progress: bool | None = None,
 ) -> Tree:
     """Solve ``d params/dt = field(params)`` from ``params`` at ``times[0]``.
 
@@ -199,28 +290,41 @@ def integrate(
     of order 5 or 8, ...), run by its ``odeint`` on the flattened parameters; the
     tolerances are checked against the dtype first. Returns the
     solution at each of ``times``, stacked along a new leading axis, in the structure
-    of ``params``.
+    of ``params``. ``progress`` is that of :func:`show_progress`: a bar of the time
+    integrated so far.
     """
     flat = _tree.flatten(params)
     check_tolerances(flat.dtype, rtol, atol)
     check_choice(solver, "solver", SOLVERS)
     times = torch.as_tensor(times, dtype=flat.dtype, device=flat.device)
+    span = float(times[-1] - times[0])
+    bar = tqdm(
+        total=span,
+        desc=f"{solver} to t={float(times[-1]):g}",
+        disable=not show_progress(progress),
+        bar_format="{l_bar}{bar}| t {n:.3g}/{total:.3g} [{elapsed}]",
+    )
 
     def rhs(t, y):
+        if not bar.disable:
+            bar.update(max(0.0, min(float(t - times[0]), span) - bar.n))
         return _tree.flatten(field(_tree.unflatten(y, params)))
 
     start = time.perf_counter()
     # Steps land on every output time, so no value comes from the solver's
     # interpolant, whose order is lower than the method's.
-    solution = torchdiffeq.odeint(
-        rhs,
-        flat,
-        times,
-        method=solver,
-        rtol=rtol,
-        atol=atol,
-        options={"step_t": times},
-    )
+    try:
+        solution = torchdiffeq.odeint(
+            rhs,
+            flat,
+            times,
+            method=solver,
+            rtol=rtol,
+            atol=atol,
+            options={"step_t": times},
+        )
+    finally:
+        bar.close()
     log.info(
         "integrated to t=%g with %s in %.2f s",
         times[-1].item(),
@@ -326,15 +430,23 @@ def compare_with_gd(
     lr: float,
     num_steps: int,
     orders: tuple[int, ...] = (0, 1),
+    *,
+    check_series: bool = True,
     **solver,
 ) -> Comparison:
     """Run GD and integrate the EoM of each order; measure their distance per step.
 
-    Every order is checked before GD starts. ``solver`` goes to :func:`integrate`.
+    Every order is checked before GD starts. GD that diverges raises
+    :class:`DivergenceError`. With ``check_series`` and an order above 0,
+    ``lr * |lambda|_max`` is measured at the first, middle and last GD iterate
+    before any EoM is integrated, and :class:`SeriesDivergenceError` is raised where
+    it reaches 1. ``solver`` goes to :func:`integrate`.
     """
     for order in orders:
         check_order(order)
     gd = gd_trajectory(loss, params, lr, num_steps)
+    if check_series and any(order > 0 for order in orders):
+        check_series_converges(loss, gd, lr)
     distances = {
         order: distance(
             eom_trajectory(loss, params, lr, num_steps, order, **solver), gd
@@ -359,6 +471,7 @@ def discretization_errors(
     error after ``N = round(horizon / lr)`` steps, at the same time ``t = N lr`` for
     every ``lr`` that divides ``horizon``. ``solver`` goes to :func:`integrate`.
     """
+    lrs = check_lrs(lrs)
     for order in orders:
         check_order(order)
     if horizon is not None:

@@ -1,6 +1,7 @@
 """Hessian-vector products and the sharpness against dense float64 Hessians."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -272,15 +273,26 @@ def test_grad_keeps_the_callers_graph():
     torch.testing.assert_close(dg, 6 * x.detach())
 
 
-def test_forced_forward_mode_reports_the_missing_rule():
+def test_forced_forward_mode_names_the_operation_without_a_rule():
     params = torch.zeros(3, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="jvp"):
-        eomlib.hvp(
-            lambda x: _SoftplusWithoutJvp.apply(x).sum(),
-            params,
-            params,
-            method="forward",
-        )
+    calls = [
+        lambda: eomlib.hvp(
+            _loss_without_forward_rule, params, params, method="forward"
+        ),
+        lambda: eomlib.counter_terms(
+            _loss_without_forward_rule, params, 2, method="forward"
+        ),
+        lambda: eomlib.grad_derivative(
+            _loss_without_forward_rule, params, [params, params], method="forward"
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError) as raised:
+            call()
+        message = str(raised.value)
+        assert re.search(r"some have none: [\w.]*\._SoftplusWithoutJvp\. ", message)
+        assert "method='reverse' (or 'auto') needs backward rules only" in message
+        assert message.count("torch said") == 1
 
 
 def test_hvp_rejects_a_vector_of_another_shape():

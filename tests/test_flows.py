@@ -1,5 +1,7 @@
 """GD trajectories, fields, integration, and the local error of GF and the EoM."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,49 @@ def test_divergent_gd_names_the_step_and_the_learning_rate():
     _, loss, params = _quadratic((100.0, 1.0), dtype=torch.float32)
     with pytest.raises(eomlib.DivergenceError, match=r"diverged at step 20 with lr=1"):
         eomlib.gd_trajectory(loss, params, 1.0, 1000)
+
+
+def test_divergent_gd_reports_the_measured_lr_times_lambda_max():
+    _, loss, params = _quadratic((100.0, 1.0), dtype=torch.float32)
+    with pytest.raises(eomlib.DivergenceError) as raised:
+        eomlib.gd_trajectory(loss, params, 1.0, 1000)
+    message = str(raised.value)
+    assert "lr * lambda_max = 100 " in message and "stable only below 2" in message
+    assert "use lr < 0.02" in message
+
+
+def test_the_series_check_stops_a_comparison_before_any_eom_is_integrated():
+    # lr * lambda_max = 1.5: GD converges (|1 - 1.5| < 1) but flips sign each step,
+    # so no real flow passes through its iterates and the series of log diverges.
+    _, loss, params = _quadratic((1.5, 0.1))
+    integrated = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(eomlib.flows, "integrate", lambda *a, **k: integrated.append(1))
+        with pytest.raises(eomlib.SeriesDivergenceError) as raised:
+            eomlib.compare_with_gd(loss, params, 1.0, 10, (0, 1))
+    assert not integrated
+    message = str(raised.value)
+    assert "diverges at GD step 0 with lr=1" in message
+    assert "lr * |lambda|_max = 1.5 >= 1" in message and "use lr < 0.667" in message
+    assert isinstance(raised.value, eomlib.DivergenceError)
+
+
+def test_the_series_check_can_be_turned_off_and_passes_below_one():
+    _, loss, params = _quadratic((1.5, 0.1))
+    comparison = eomlib.compare_with_gd(loss, params, 1.0, 2, (1,), check_series=False)
+    assert torch.isfinite(comparison.distances[1]).all()
+
+    _, loss, params = _quadratic((0.8, 0.1))
+    gd = eomlib.gd_trajectory(loss, params, 1.0, 4)
+    measured = eomlib.flows.check_series_converges(loss, gd, 1.0)
+    assert [step for step, _ in measured] == [0, 2, 4]
+    assert all(value == pytest.approx(0.8, rel=1e-3) for _, value in measured)
+
+
+def test_gf_alone_needs_no_series_check():
+    _, loss, params = _quadratic((1.5, 0.1))
+    comparison = eomlib.compare_with_gd(loss, params, 1.0, 3, (0,))
+    assert comparison.distances[0].shape == (4,)
 
 
 def test_gradient_flow_of_a_quadratic_is_a_matrix_exponential():
@@ -248,3 +293,21 @@ def test_flow_fields_needs_at_least_one_order():
     loss, params = _tensor_cubic()
     with pytest.raises(ValueError, match="at least one order"):
         eomlib.flows.flow_fields(loss, params, 0.1, [])
+
+
+def test_progress_bars_show_in_a_terminal_and_stay_quiet_elsewhere(capsys, monkeypatch):
+    _, loss, params = _quadratic()
+    monkeypatch.delenv("CI", raising=False)
+    eomlib.gd_trajectory(loss, params, 0.1, 3)  # pytest's stderr is no terminal
+    eomlib.eom_trajectory(loss, params, 0.1, 3, 1)
+    assert capsys.readouterr().err == ""
+
+    eomlib.gd_trajectory(loss, params, 0.1, 3, progress=True)
+    eomlib.eom_trajectory(loss, params, 0.1, 3, 1, progress=True)
+    err = capsys.readouterr().err
+    assert "GD lr=0.1" in err and "dopri5 to t=0.3" in err
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert eomlib.flows.show_progress(None)
+    monkeypatch.setenv("CI", "true")
+    assert not eomlib.flows.show_progress(None)

@@ -275,3 +275,46 @@ def test_a_global_forward_hook_is_honoured():
         hook.remove()
     torch.testing.assert_close(doubled, expected)
     assert not torch.allclose(doubled, plain)
+
+
+def test_a_module_with_an_integer_buffer_is_differentiated_at_every_order():
+    # An int64 buffer (a fixed permutation of the pixels) is data, not a parameter:
+    # gradients, products and counter terms go through it, leaving it unchanged.
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("order", torch.randperm(64, generator=_seeded(0)))
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return torch.tanh(self.linear(x[:, self.order]))
+
+    data = eomlib.load_dataset("digits", num_samples=20)
+    model = Permuted().double()
+    before = model.order.clone()
+    loss, params = eomlib.make_loss(model, data), eomlib.initial_params(model)
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    dense = torch.autograd.functional.hessian(
+        lambda x: loss(eomlib._tree.unflatten(x, params)), flat
+    )
+    v = eomlib.grad(loss, params)
+    for method in ("reverse", "forward"):
+        product = eomlib.hvp(loss, params, v, method=method)
+        torch.testing.assert_close(
+            eomlib._tree.flatten(product),
+            dense @ eomlib._tree.flatten(v),
+            atol=1e-12,
+            rtol=0,
+        )
+    by_graphs = eomlib.counter_terms(loss, params, 2)
+    by_trees = eomlib.counter_terms(loss, params, 2, method="forward")
+    for a, b in zip(by_graphs, by_trees):
+        torch.testing.assert_close(
+            eomlib._tree.flatten(a), eomlib._tree.flatten(b), atol=1e-12, rtol=0
+        )
+    assert model.order.dtype == torch.int64 and torch.equal(model.order, before)
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
