@@ -10,13 +10,29 @@ PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test lint clean
+.PHONY: book test lint chromium clean
 
 book: $(STAMP)
 	$(BIN)/python -m eomlib.runner --profile $(PROFILE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The browser test (tests/test_browser.py) needs Chromium. As root with apt-get
+# (CI), this installs Debian's package when it is missing; elsewhere it only says
+# what is missing, and the test skips.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "Chromium is installed: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium; \
+	else \
+		echo "Chromium is missing at $(CHROMIUM); install it (as root:" \
+			"apt-get install chromium) to run the browser test" >&2; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -9,6 +9,7 @@ The public names below are a contract: the book's chapters and readers' own code
 build on them.
 """
 
+from eomlib.cache import Cache, cached, code_version
 from eomlib.counter_terms import counter_terms
 from eomlib.data import DATASETS, Dataset, load_dataset
 from eomlib.derivatives import (
@@ -24,6 +25,7 @@ from eomlib.figures import savefig, use_style
 from eomlib.flows import (
     Comparison,
     DivergenceError,
+    SeriesDivergenceError,
     compare_with_gd,
     discretization_errors,
     distance,
@@ -54,8 +56,12 @@ __all__ = [
     "DivergenceError",
     "Problem",
     "SecondDerivativeError",
+    "SeriesDivergenceError",
     "batched_hvp",
+    "Cache",
+    "cached",
     "check_parameters",
+    "code_version",
     "compare_with_gd",
     "counter_terms",
     "discretization_errors",

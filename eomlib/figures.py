@@ -4,14 +4,24 @@
 ``NAME.json``, the record of what made the figure: its parameters, seed and device,
 the library versions and the git commit. The files carry no time stamp, so the same
 run writes the same bytes.
+
+Every save also updates ``manifest.json`` in the same folder: one entry per figure,
+by its stable identifier (the name), with the chapter that made it, the SHA-256 of
+each file and the provenance record. The book's Figures page lists it
+(:func:`load_manifest`). A name is an identifier for the whole book: a second chapter
+that saves a figure under a name the first one owns is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import platform
 import re
 import subprocess
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -42,6 +52,16 @@ LIBRARIES = ("eomlib", "torch", "torchdiffeq", "numpy", "matplotlib", "scikit-le
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
+MANIFEST = "manifest.json"
+
+# The runner sets this to the notebook it executes, so that a figure records its
+# chapter without every cell passing it.
+CHAPTER_VARIABLE = "EOMLIB_CHAPTER"
+
+
+class DuplicateFigureError(ValueError):
+    """Two chapters save a figure under the same identifier."""
+
 
 def use_style() -> None:
     """Apply the book's style to every figure made after this call."""
@@ -56,6 +76,7 @@ def savefig(
     seed: int | None = None,
     device: str | None = None,
     directory: str | Path = "figures",
+    chapter: str | None = None,
 ) -> dict[str, Path]:
     """Save ``fig`` as PDF and PNG under a stable ``name``, with its provenance.
 
@@ -65,16 +86,25 @@ def savefig(
         parameters: the parameters that made the figure (JSON-serialisable values).
         seed: the random seed, if any.
         device: the device the numbers were computed on.
-        directory: where the three files go; created if missing.
+        directory: where the three files and the manifest go; created if missing.
+        chapter: the notebook that made the figure, by file stem; by default the
+            one the runner is executing (``$EOMLIB_CHAPTER``), else unknown.
 
     Returns:
         The paths written, by kind: ``{"pdf": ..., "png": ..., "json": ...}``.
+
+    Raises:
+        ValueError: the name is not a stable identifier.
+        DuplicateFigureError: another chapter already owns ``name`` in the manifest;
+            nothing is written.
     """
     if not _NAME.fullmatch(name):
         raise ValueError(
             f"figure name must be lower-case letters, digits, '_' or '-'; got {name!r}"
         )
+    chapter = chapter or os.environ.get(CHAPTER_VARIABLE) or None
     directory = Path(directory)
+    _check_unique(load_manifest(directory), name, chapter)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {kind: directory / f"{name}.{kind}" for kind in ("pdf", "png", "json")}
 
@@ -82,6 +112,7 @@ def savefig(
     fig.savefig(paths["png"], metadata={"Software": None})
     record = {
         "figure": name,
+        "chapter": chapter,
         "parameters": parameters,
         "seed": seed,
         "device": str(device) if device is not None else None,
@@ -90,7 +121,123 @@ def savefig(
         "commit": _commit(),
     }
     paths["json"].write_text(json.dumps(record, indent=2, default=str) + "\n")
+    _add_to_manifest(directory, name, chapter, paths)
     return paths
+
+
+def load_manifest(directory: str | Path = "figures") -> dict[str, dict]:
+    """The figures saved under ``directory``, by identifier; empty if none.
+
+    Each entry has the ``chapter`` that made the figure (``None`` if unknown), its
+    ``files`` (``{"pdf": {"path": "NAME.pdf", "sha256": ...}, ...}``, paths relative
+    to ``directory``) and its ``provenance``, the record :func:`savefig` wrote to
+    ``NAME.json``.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["figures"]
+
+
+def verify_manifest(directory: str | Path = "figures") -> dict[str, list[str]]:
+    """The files of each figure that are missing or differ from their SHA-256.
+
+    Returns:
+        ``{name: ["NAME.png", ...]}`` for every figure with a bad file; empty when
+        every file on disk is the one the manifest records.
+    """
+    directory = Path(directory)
+    bad = {}
+    for name, entry in load_manifest(directory).items():
+        wrong = [
+            file["path"]
+            for file in entry["files"].values()
+            if not (directory / file["path"]).is_file()
+            or _sha256(directory / file["path"]) != file["sha256"]
+        ]
+        if wrong:
+            bad[name] = wrong
+    return bad
+
+
+@contextlib.contextmanager
+def chapter_run(directory: str | Path, chapter: str):
+    """Execute ``chapter`` afresh: its figures leave the manifest while it runs.
+
+    Inside the block ``$EOMLIB_CHAPTER`` names the chapter, and the manifest keeps
+    only the figures the chapter saves again, so one it no longer makes is not
+    listed. If the block raises, the chapter's previous entries come back.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    previous = {n: e for n, e in manifest.items() if e["chapter"] == chapter}
+    if previous:
+        _write_manifest(
+            directory, {n: e for n, e in manifest.items() if n not in previous}
+        )
+    saved = os.environ.get(CHAPTER_VARIABLE)
+    os.environ[CHAPTER_VARIABLE] = chapter
+    try:
+        yield
+    except BaseException:
+        if previous:
+            current = load_manifest(directory)
+            current.update({n: e for n, e in previous.items() if n not in current})
+            _write_manifest(directory, current)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop(CHAPTER_VARIABLE, None)
+        else:
+            os.environ[CHAPTER_VARIABLE] = saved
+
+
+def _check_unique(manifest: dict, name: str, chapter: str | None) -> None:
+    owner = manifest.get(name, {}).get("chapter")
+    if owner is not None and chapter is not None and owner != chapter:
+        raise DuplicateFigureError(
+            f"figure identifier {name!r} already belongs to chapter {owner!r}; "
+            f"chapter {chapter!r} must save its figure under another name"
+        )
+
+
+def _add_to_manifest(
+    directory: Path, name: str, chapter: str | None, paths: dict[str, Path]
+) -> None:
+    manifest = load_manifest(directory)
+    _check_unique(manifest, name, chapter)
+    manifest[name] = {
+        "chapter": chapter,
+        "files": {
+            kind: {"path": path.name, "sha256": _sha256(path)}
+            for kind, path in paths.items()
+        },
+        "provenance": json.loads(paths["json"].read_text()),
+    }
+    _write_manifest(directory, manifest)
+
+
+def _write_manifest(directory: Path, figures: dict) -> None:
+    # Sorted keys and no time stamp: the same figures give the same bytes. Written
+    # beside the target and renamed over it, so a reader never sees half a file.
+    text = json.dumps({"figures": figures}, indent=2, sort_keys=True) + "\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=directory, prefix=f".{MANIFEST}.", suffix=".tmp"
+    )
+    try:
+        os.fchmod(handle, 0o644)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, directory / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -188,15 +335,19 @@ def plot_distance_to_gd(comparisons) -> plt.Figure:
     return fig
 
 
-def markdown_table(rows: list[dict], formats: dict[str, str] | None = None) -> str:
+def markdown_table(
+    rows: list[dict], formats: dict[str, str] | None = None, *, align: str = "right"
+) -> str:
     """A Markdown table of ``rows`` (dicts with the same keys, in column order).
 
     Floats are written with three significant digits unless ``formats`` names a
-    format for their column.
+    format for their column. Columns are aligned right (numbers) or, with
+    ``align="left"``, left (text).
     """
     formats = formats or {}
     columns = list(rows[0])
-    lines = [_table_row(columns), "|" + "---:|" * len(columns)]
+    rule = {"right": "---:|", "left": ":---|"}[align]
+    lines = [_table_row(columns), "|" + rule * len(columns)]
     for row in rows:
         cells = [
             format(row[c], formats.get(c, ".3g" if isinstance(row[c], float) else ""))

@@ -12,11 +12,14 @@ tagged ``parameters`` and, in its front matter, the named profiles::
         quick: {num_steps: 100}
         full: {num_steps: 2000, device: cuda}
 
-A run takes the parameters cell's defaults, then the profile, then ``-p`` overrides
-(each goes to the notebooks that declare that parameter); it checks every name, type
-and value before any notebook starts. papermill executes
-each notebook into ``executed/NAME.ipynb`` (where the book reads it) and Jupyter Book
-renders HTML into ``_build/html`` without executing anything again.
+Notebooks run in the order of ``_toc.yml`` (any it does not list come last, by
+name), so a page that reads what the chapters made, the Figures page, comes after
+them. A run takes the parameters cell's defaults, then the profile, then ``-p``
+overrides (each goes to the notebooks that declare that parameter); it checks every
+name, type and value before any notebook starts. papermill executes each notebook
+into ``executed/NAME.ipynb`` (where the book reads it), with ``$EOMLIB_CHAPTER``
+naming it so that its figures enter ``figures/manifest.json`` under its name, and
+Jupyter Book renders HTML into ``_build/html`` without executing anything again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,8 +41,10 @@ from pathlib import Path
 import jupytext
 import nbformat
 import papermill
+import yaml
 from papermill.exceptions import PapermillExecutionError
 
+from eomlib import figures
 from eomlib.parameters import PROFILES, check_parameters
 
 log = logging.getLogger("eomlib.runner")
@@ -51,8 +57,58 @@ class RunError(RuntimeError):
 
 
 def notebook_names(root: Path) -> list[str]:
-    """The notebooks of the book under ``root/notebooks``, by file stem."""
-    return sorted(path.stem for path in (root / "notebooks").glob("*.md"))
+    """The notebooks under ``root/notebooks``, by file stem, in execution order.
+
+    That is the order of ``_toc.yml``; a notebook it does not list comes after
+    those it does, by name.
+    """
+    return in_toc_order(root, [p.stem for p in (root / "notebooks").glob("*.md")])
+
+
+def toc_order(root: Path) -> list[str]:
+    """The executed notebooks ``root/_toc.yml`` lists, by stem, in reading order."""
+    path = Path(root) / "_toc.yml"
+    if not path.exists():
+        return []
+    files = []
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                if isinstance(node.get(key), str):
+                    files.append(node[key])
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(yaml.safe_load(path.read_text()))
+    stems = [Path(f).with_suffix("").name for f in files if f.startswith("executed/")]
+    return list(dict.fromkeys(stems))
+
+
+def in_toc_order(root: Path, names: list[str]) -> list[str]:
+    """``names`` in the order of ``_toc.yml``, the ones it does not list last."""
+    order = {name: index for index, name in enumerate(toc_order(root))}
+    return sorted(set(names), key=lambda name: (order.get(name, len(order)), name))
+
+
+def chapter_labels(root: Path) -> dict[str, str]:
+    """The label at the top of each notebook (``(digits)=``), by file stem.
+
+    A page that names a chapter cross-references it with ``{ref}`` and this label;
+    a notebook without one is left out.
+    """
+    labels = {}
+    for path in sorted((Path(root) / "notebooks").glob("*.md")):
+        for line in path.read_text().splitlines():
+            label = re.fullmatch(r"\(([\w.:-]+)\)=", line.strip())
+            if label:
+                labels[path.stem] = label.group(1)
+                break
+    return labels
 
 
 def read_notebook(root: Path, name: str) -> nbformat.NotebookNode:
@@ -174,7 +230,11 @@ def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) 
     output.parent.mkdir(exist_ok=True)
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch, _kernelspec():
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        _kernelspec(),
+        figures.chapter_run(root / "figures", name),
+    ):
         source = Path(scratch) / f"{name}.ipynb"
         partial = Path(scratch) / f"{name}.executed.ipynb"
         nbformat.write(notebook, source)
@@ -284,7 +344,7 @@ def plan(
     """The checked parameters of each notebook to run, before anything runs."""
     if not (root / "_toc.yml").exists():
         raise RunError(f"{root} is not the book's root: it has no _toc.yml")
-    names = notebooks or notebook_names(root)
+    names = in_toc_order(root, notebooks) if notebooks else notebook_names(root)
     notebooks_read = {name: read_notebook(root, name) for name in names}
     declared = {
         name: declared_parameters(nb, name) for name, nb in notebooks_read.items()

@@ -1,11 +1,17 @@
-"""Shared cases: small losses whose dense float64 Hessians serve as ground truth."""
+"""Shared cases: small losses whose dense float64 Hessians serve as ground truth,
+and the book built once for the tests that read it."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch import func
 
 import eomlib
-from eomlib import _tree
+from eomlib import _tree, runner
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # One tolerance for every comparison against a dense float64 ground truth.
 ATOL = 1e-10
@@ -85,3 +91,16 @@ def classic_grad_derivative(loss, params, vectors):
     for v in vectors:
         (value,) = torch.autograd.grad(value @ v, flat, create_graph=True)
     return value.detach()
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """A scratch copy of the book with every notebook executed in the quick
+    profile and the HTML built, once per test session (minutes)."""
+    root = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, root / name)
+    for name in ("book", "notebooks", "results"):
+        shutil.copytree(ROOT / name, root / name)
+    runner.run(root, profile="quick")
+    return root

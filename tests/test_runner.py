@@ -1,6 +1,7 @@
 """The runner: parameter checks before anything runs, execution, and the book."""
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -204,11 +205,14 @@ def test_a_failed_run_keeps_the_last_good_execution(tmp_path):
     assert executed.read_bytes() == before
 
 
-@pytest.mark.slow
-def test_the_quick_profile_executes_every_notebook_and_builds_the_book(tmp_path):
-    root = _copy_book(tmp_path)
-    runner.run(root, profile="quick")
+def _mathjax_scripts(page: str) -> list[str]:
+    """Where a built page loads MathJax from."""
+    return re.findall(r'<script[^>]*\ssrc="([^"]*mathjax[^"]*)"', page, re.IGNORECASE)
 
+
+@pytest.mark.slow
+def test_the_quick_profile_executes_every_notebook_and_builds_the_book(built_book):
+    root = built_book
     for name in NOTEBOOKS:
         executed = nbformat.read(root / "executed" / f"{name}.ipynb", as_version=4)
         outputs = [o for c in executed.cells for o in c.get("outputs", [])]
@@ -217,8 +221,12 @@ def test_the_quick_profile_executes_every_notebook_and_builds_the_book(tmp_path)
         assert any("image/png" in o.get("data", {}) for o in outputs)
         page = (root / "_build" / "html" / "executed" / f"{name}.html").read_text()
         assert "<img" in page and "Traceback" not in page
+        assert all("_static/mathjax/" in src for src in _mathjax_scripts(page))
 
     assert (root / "_build" / "html" / "index.html").exists()
+    intro = (root / "_build" / "html" / "book" / "intro.html").read_text()
+    assert _mathjax_scripts(intro) == ["../_static/mathjax/tex-chtml.js"]
+    assert (root / "_build" / "html" / "_static" / "mathjax" / "tex-chtml.js").exists()
     digits = (
         root / "_build" / "html" / "executed" / "gd_gf_eom_digits.html"
     ).read_text()
