@@ -15,12 +15,12 @@ STAMP := $(VENV)/.installed
 book: $(STAMP)
 	$(BIN)/python -m eomlib.runner --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
-# The browser test (tests/test_browser.py) needs Chromium. As root with apt-get
-# (CI), this installs Debian's package when it is missing; elsewhere it only says
-# what is missing, and the test skips.
+# The browser test (tests/test_browser.py) needs Chromium, so `make test` asks for
+# it. As root with apt-get (CI), this installs Debian's package when it is missing;
+# elsewhere it only says what is missing, and the test skips.
 CHROMIUM ?= /usr/bin/chromium
 chromium:
 	@if [ -x $(CHROMIUM) ]; then \
