@@ -243,3 +243,27 @@ def test_notebooks_are_myst_markdown_that_jupytext_reads():
             ]
             == "myst"
         )
+
+
+@pytest.mark.slow
+def test_a_learning_rate_past_the_series_radius_is_reported_not_fatal(tmp_path):
+    # lr * lambda_max is about 4 at lr = 4 on the digits MLP: the chapter says why
+    # that learning rate stopped and goes on with the other two.
+    root = _copy_book(tmp_path)
+    runner.run(
+        root,
+        notebooks=["gd_gf_eom_digits"],
+        overrides={"lrs": [0.05, 0.1, 4.0], "num_steps": 5},
+        build=False,
+    )
+    executed = nbformat.read(root / "executed" / "gd_gf_eom_digits.ipynb", 4)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(
+        "".join(o.get("data", {}).get("text/markdown", "")) for o in outputs
+    )
+    assert "Stopped early, and left out of what follows" in text
+    assert re.search(
+        r"lr = 4: the EoM's counter-term series diverges at GD step 0", text
+    )
+    assert re.search(r"lr \* \|lambda\|_max = [3-5]\.\d+ >= 1", text)
