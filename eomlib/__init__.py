@@ -31,8 +31,10 @@ from eomlib.flows import (
     distance,
     eom_field,
     eom_trajectory,
+    field_from_iterates,
     gd_trajectory,
     integrate,
+    optimizer_trajectory,
     roundoff_floor,
 )
 from eomlib.models import (
@@ -68,6 +70,7 @@ __all__ = [
     "distance",
     "eom_field",
     "eom_trajectory",
+    "field_from_iterates",
     "gd_trajectory",
     "grad",
     "grad_and_hvp",
@@ -79,6 +82,7 @@ __all__ = [
     "make_loss",
     "make_model",
     "make_problem",
+    "optimizer_trajectory",
     "roundoff_floor",
     "Symmetries",
     "find_symmetries",

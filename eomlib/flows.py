@@ -171,12 +171,59 @@ def log_step_weights(order: int) -> list[Fraction]:
         >>> [str(w) for w in log_step_weights(1)]  # F = -(3/2 g_0 - 1/2 g_1)
         ['3/2', '-1/2']
     """
+    c = log_difference_coefficients(order)
+    return [sum(c[i + 1 :], Fraction(0)) for i in range(order + 1)]
+
+
+def log_difference_coefficients(order: int) -> list[Fraction]:
+    """The ``c_j`` of ``sum_{m=1..order+1} (-1)^(m+1)/m Delta^m x_0 = sum_j c_j x_j``,
+    ``j = 0..order+1``: the operator logarithm of a one-step map, truncated, written
+    in the points ``x_j`` of its orbit. They sum to 0.
+
+    Example:
+        >>> [str(c) for c in log_difference_coefficients(1)]  # Delta - Delta^2 / 2
+        ['-3/2', '2', '-1/2']
+    """
     check_order(order)
     c = [Fraction(0)] * (order + 2)
     for m in range(1, order + 2):
         for j in range(m + 1):
             c[j] += Fraction((-1) ** (m + 1), m) * (-1) ** (m - j) * math.comb(m, j)
-    return [sum(c[i + 1 :], Fraction(0)) for i in range(order + 1)]
+    return c
+
+
+def field_from_iterates(iterates: Tree, lr: float, order: int) -> Tree:
+    """The modified field at each iterate, read off the iterates that follow it.
+
+    For the orbit ``x_0, x_1, ...`` of any one-step map that is near the identity
+    (GD, or an optimizer whose state has settled onto its slow manifold, where the
+    parameters alone determine the next step), the flow that passes through the
+    orbit at ``t = k lr`` has the field ``F(x_k) = 1/lr sum_j c_j x_{k+j}`` up to
+    ``O(lr^(order+1))``, with the coefficients of
+    :func:`log_difference_coefficients`. No derivative is taken: this is how a
+    derived modified equation is checked against an optimizer's own steps.
+
+    Args:
+        iterates: a trajectory with a leading step axis of length ``N + 1``.
+        lr: the time between iterates.
+        order: the truncation K; each field uses ``K + 2`` consecutive iterates.
+
+    Returns:
+        The field at iterates ``0 .. N - K - 1``, stacked along the leading axis.
+        Its round-off is about ``eps |x| 2^K / lr``: differences of nearby points.
+    """
+    lr = check_lr(lr)
+    weights = [float(c) for c in log_difference_coefficients(order)]
+    span = len(weights)
+    length = _tree.leaves(iterates)[0].shape[0]
+    if length < span:
+        raise ValueError(f"order {order} needs at least {span} iterates; got {length}")
+
+    def combine(x: torch.Tensor) -> torch.Tensor:
+        count = x.shape[0] - span + 1
+        return sum(w * x[j : j + count] for j, w in enumerate(weights)) / lr
+
+    return _tree.tree_map(combine, iterates)
 
 
 FIELD_METHODS = {"autodiff": _autodiff_field, "iterates": _iterates_field}
@@ -272,6 +319,88 @@ def check_series_converges(
             )
         measured.append((step, value))
     return measured
+
+
+def optimizer_trajectory(
+    loss: Loss,
+    params: Tree,
+    optimizer: type[torch.optim.Optimizer],
+    num_steps: int,
+    *,
+    progress: bool | None = None,
+    state: bool = False,
+    **hyper,
+):
+    """The iterates of a ``torch.optim`` optimizer on the full-batch ``loss``.
+
+    Args:
+        loss: a function of ``params`` returning a 0-d tensor.
+        params: the start, a tensor or a dict of tensors; never changed.
+        optimizer: a ``torch.optim.Optimizer`` subclass (``torch.optim.SGD``,
+            ``Adam``, ``RMSprop``, ...), run on copies of ``params``.
+        num_steps: how many steps.
+        progress: that of :func:`show_progress`.
+        state: also return the optimizer's state after each step.
+        **hyper: the optimizer's hyper-parameters; ``lr`` is required.
+
+    Returns:
+        The iterates ``0..num_steps`` stacked along a new leading axis, in the
+        structure of ``params``; with ``state``, also a list of the optimizer's
+        per-parameter state (a dict by parameter name of dicts of tensors) after
+        each step. Raises :class:`DivergenceError` at the first non-finite iterate.
+    """
+    if not (
+        isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)
+    ):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD "
+            f"or torch.optim.Adam; got {optimizer!r}"
+        )
+    if "lr" not in hyper:
+        raise TypeError(f"{optimizer.__name__} needs lr=...; got {sorted(hyper)}")
+    lr = check_lr(hyper["lr"])
+    check_int(num_steps, "num_steps")
+    _tree.check_floating(params)
+    fast = for_second_order(loss)
+    leaves = [leaf.detach().clone() for leaf in _tree.leaves(params)]
+    for leaf in leaves:
+        leaf.requires_grad_()
+    try:
+        engine = optimizer(leaves, **hyper)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{optimizer.__name__}({hyper}): {error}") from error
+    names = list(params) if isinstance(params, dict) else [None]
+
+    iterates, states = [params], []
+    bar = tqdm(
+        range(num_steps),
+        desc=f"{optimizer.__name__} lr={lr:g}",
+        disable=not show_progress(progress),
+    )
+    for step in bar:
+        with torch.enable_grad():
+            value = fast(_tree.rebuild(leaves, params))
+        for leaf, g in zip(leaves, torch.autograd.grad(value, leaves)):
+            leaf.grad = g
+        engine.step()
+        current = _tree.rebuild([leaf.detach().clone() for leaf in leaves], params)
+        if not torch.isfinite(_tree.flatten(current)).all():
+            raise DivergenceError(_divergence_message(loss, iterates, lr, step + 1))
+        iterates.append(current)
+        if state:
+            states.append(
+                {
+                    name: {
+                        key: value.detach().clone()
+                        if isinstance(value, torch.Tensor)
+                        else value
+                        for key, value in engine.state[leaf].items()
+                    }
+                    for name, leaf in zip(names, leaves)
+                }
+            )
+    stacked = _tree.tree_map(lambda *leaves: torch.stack(leaves), *iterates)
+    return (stacked, states) if state else stacked
 
 
 def integrate(

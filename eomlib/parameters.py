@@ -34,6 +34,17 @@ CHECKS = {
     "table_steps": lambda v: [_checks.check_int(k, "table step") for k in v],
     "decay_steps": lambda v: _checks.check_int(v, "decay_steps", minimum=1),
     "weight_decay": lambda v: _checks.check_lr(v, "weight_decay"),
+    # The optimizers beyond plain GD.
+    "momentum": lambda v: _checks.check_fraction(v, "momentum"),
+    "momenta": lambda v: [_checks.check_fraction(b, "momentum") for b in v],
+    "dampening": lambda v: _checks.check_fraction(v, "dampening"),
+    "betas": lambda v: [
+        _checks.check_fraction(b, f"betas[{i}]") for i, b in enumerate(v)
+    ],
+    "eps": lambda v: _checks.check_lr(v, "eps"),
+    "batch_size": lambda v: _checks.check_int(v, "batch_size", minimum=1),
+    "num_shuffles": lambda v: _checks.check_int(v, "num_shuffles", minimum=1),
+    "num_epochs": lambda v: _checks.check_int(v, "num_epochs", minimum=1),
 }
 
 

@@ -311,3 +311,65 @@ def test_progress_bars_show_in_a_terminal_and_stay_quiet_elsewhere(capsys, monke
     assert eomlib.flows.show_progress(None)
     monkeypatch.setenv("CI", "true")
     assert not eomlib.flows.show_progress(None)
+
+
+def test_torch_sgd_without_momentum_is_gd_to_the_bit(case):
+    loss, params = case
+    sgd = eomlib.optimizer_trajectory(loss, params, torch.optim.SGD, 4, lr=0.1)
+    gd = eomlib.gd_trajectory(loss, params, 0.1, 4)
+    for a, b in zip(_tree.leaves(sgd), _tree.leaves(gd)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_an_optimizer_trajectory_can_carry_the_optimizers_state():
+    _, loss, params = _quadratic()
+    iterates, states = eomlib.optimizer_trajectory(
+        loss, params, torch.optim.SGD, 3, lr=0.1, momentum=0.9, state=True
+    )
+    assert iterates.shape == (4, 2) and len(states) == 3
+    # Heavy ball: the buffer after the first step is the first gradient.
+    torch.testing.assert_close(
+        states[0][None]["momentum_buffer"], eomlib.grad(loss, params)
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda loss, x: eomlib.optimizer_trajectory(loss, x, "adam", 3, lr=0.1),
+            TypeError,
+            "optimizer must be a torch.optim.Optimizer class .* got 'adam'",
+        ),
+        (
+            lambda loss, x: eomlib.optimizer_trajectory(loss, x, torch.optim.SGD, 3),
+            TypeError,
+            r"SGD needs lr=\.\.\.; got \[\]",
+        ),
+        (
+            lambda loss, x: eomlib.optimizer_trajectory(
+                loss, x, torch.optim.Adam, 3, lr=0.1, betas=(0.9, 1.5)
+            ),
+            ValueError,
+            r"Adam\(.*\): Invalid beta parameter at index 1: 1.5",
+        ),
+    ],
+)
+def test_a_bad_optimizer_or_hyper_parameter_is_named(call, error, message):
+    _, loss, params = _quadratic()
+    with pytest.raises(error, match=message):
+        call(loss, params)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_the_field_read_off_gd_iterates_is_the_truncated_logarithm(order):
+    # On a quadratic the GD map is (1 - lr A), and reading the field off its orbit
+    # gives the same truncated series as the iterates field computed from gradients.
+    A, loss, params = _quadratic((1.0, 0.25))
+    lr = 0.3
+    gd = eomlib.gd_trajectory(loss, params, lr, order + 3)
+    fields = eomlib.field_from_iterates(gd, lr, order)
+    expected = eomlib.eom_field(loss, lr, order, method="iterates")
+    assert fields.shape == (3, 2)
+    for k in range(3):
+        torch.testing.assert_close(fields[k], expected(gd[k]), atol=1e-12, rtol=0)
