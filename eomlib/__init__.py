@@ -45,6 +45,14 @@ from eomlib.models import (
     make_model,
     make_problem,
 )
+from eomlib.optimizers import modified_field
+from eomlib.optimizers.minibatch import (
+    ShuffleMean,
+    confidence_interval,
+    mean_over_shuffles,
+    minibatch_field,
+    sgd_epochs,
+)
 from eomlib.parameters import check_parameters
 from eomlib.symmetries import Symmetries, find_symmetries, with_weight_decay
 
@@ -59,12 +67,14 @@ __all__ = [
     "Problem",
     "SecondDerivativeError",
     "SeriesDivergenceError",
+    "ShuffleMean",
     "batched_hvp",
     "Cache",
     "cached",
     "check_parameters",
     "code_version",
     "compare_with_gd",
+    "confidence_interval",
     "counter_terms",
     "discretization_errors",
     "distance",
@@ -82,11 +92,15 @@ __all__ = [
     "make_loss",
     "make_model",
     "make_problem",
+    "mean_over_shuffles",
+    "minibatch_field",
+    "modified_field",
     "optimizer_trajectory",
     "roundoff_floor",
     "Symmetries",
     "find_symmetries",
     "savefig",
+    "sgd_epochs",
     "top_eigenvalue",
     "use_style",
     "with_weight_decay",

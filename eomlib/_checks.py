@@ -43,6 +43,15 @@ def check_fraction(value, name: str) -> float:
     return float(value)
 
 
+def check_open_fraction(value, name: str) -> float:
+    """A real number strictly between 0 and 1: a share of a bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in (0, 1); got {value!r}")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1); got {name}={value!r}")
+    return float(value)
+
+
 def check_lrs(lrs, name: str = "lrs") -> list[float]:
     """A non-empty list of learning rates."""
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Iterable):

@@ -59,8 +59,17 @@ def graft(scion: Tree, tree: Tree) -> Counter:
     return grafted
 
 
-def _lie_derivative(series: dict, field: dict, max_size: int) -> dict:
-    """``L_field series``: each tree of ``field`` grafted onto each of ``series``."""
+def lie_derivative(series: dict, field: dict, max_size: int) -> dict:
+    """``L_field series``: each tree of ``field`` grafted onto each of ``series``,
+    trees of up to ``max_size`` nodes; zero coefficients are left out.
+
+    ``series`` and ``field`` map trees to coefficients, which may be numbers,
+    fractions or sympy expressions.
+
+    Example:
+        >>> lie_derivative({(): 1}, {(): 1}, 2)  # the derivative of g along g: H g
+        {((),): 1}
+    """
     result: Counter = Counter()
     for tree, coefficient in series.items():
         for scion, weight in field.items():
@@ -92,7 +101,7 @@ def _coefficients(max_size: int) -> dict[Tree, Fraction]:
         flow_terms: Counter = Counter()
         power = dict(b)
         for j in range(2, n + 1):
-            power = _lie_derivative(power, b, n)
+            power = lie_derivative(power, b, n)
             for tree, coefficient in power.items():
                 if size(tree) == n:
                     flow_terms[tree] += coefficient / math.factorial(j)

@@ -11,6 +11,7 @@ from eomlib import _checks
 from eomlib.data import check_available
 from eomlib.flows import check_tolerances
 from eomlib.models import ACTIVATIONS, MODELS
+from eomlib.optimizers.minibatch import check_confidence
 
 PROFILES = ("quick", "full")
 
@@ -45,7 +46,39 @@ CHECKS = {
     "batch_size": lambda v: _checks.check_int(v, "batch_size", minimum=1),
     "num_shuffles": lambda v: _checks.check_int(v, "num_shuffles", minimum=1),
     "num_epochs": lambda v: _checks.check_int(v, "num_epochs", minimum=1),
+    "batch_sizes": lambda v: _check_batch_sizes(v),
+    "sweep_shuffles": lambda v: _checks.check_int(v, "sweep_shuffles", minimum=1),
+    "confidence": check_confidence,
+    "tiny_samples": lambda v: _checks.check_int(v, "tiny_samples", minimum=1),
+    "tiny_batch_size": lambda v: _checks.check_int(v, "tiny_batch_size", minimum=1),
+    "tiny_hidden": lambda v: [_checks.check_int(w, "hidden width", 1) for w in v],
+    "lrs_exact": lambda v: _checks.check_lrs(v, "lrs_exact"),
+    "lr_fractions": lambda v: [
+        _checks.check_open_fraction(f, f"lr_fractions[{i}]") for i, f in enumerate(v)
+    ],
+    "transient_fraction": lambda v: _checks.check_open_fraction(
+        v, "transient_fraction"
+    ),
+    "penalty_fraction": lambda v: _checks.check_open_fraction(v, "penalty_fraction"),
+    "settle_tolerance": lambda v: _checks.check_lr(v, "settle_tolerance"),
+    "horizon": lambda v: _checks.check_lr(v, "horizon"),
+    "buffer_order": lambda v: _checks.check_int(v, "buffer_order"),
+    "eps_small": lambda v: _checks.check_lr(v, "eps_small"),
+    "lr_transient": lambda v: _checks.check_lr(v, "lr_transient"),
+    "transient_tol": lambda v: _checks.check_open_fraction(v, "transient_tol"),
 }
+
+
+def _check_batch_sizes(values) -> list[int]:
+    """A non-empty list of batch sizes, each an integer >= 1."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, list) or not values:
+        raise TypeError(
+            f"batch_sizes must be a non-empty list of integers; got {values!r}"
+        )
+    return [
+        _checks.check_int(b, f"batch_sizes[{i}]", minimum=1)
+        for i, b in enumerate(values)
+    ]
 
 
 def check_parameters(**parameters) -> dict:
