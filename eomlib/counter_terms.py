@@ -169,19 +169,33 @@ def evaluation_plan(order: int) -> Plan:
     return plan
 
 
-def _shared_graphs(loss: Loss, params: Tree, plan: Plan) -> tuple[Tree, list[Tree]]:
-    point = AutogradPoint(loss, params)
+def elementary_differentials(
+    point: AutogradPoint, trees: list[tuple], keep: set
+) -> tuple[dict, dict]:
+    """Each tree's elementary differential at ``point``, as leaves.
+
+    ``trees`` are ordered so that a tree's prefix and its last child come before
+    it; each costs one reverse pass through the graph of its prefix
+    (:func:`split`). Returns the graphs of the trees in ``keep``, which later
+    trees or products differentiate through, and every tree's detached value.
+    """
     graph, value = {}, {}
-    for tree in plan.trees:
-        keep = tree in plan.graphs
+    for tree in trees:
+        kept = tree in keep
         if tree == LEAF:
-            result = point.gradient(create_graph=keep)
+            result = point.gradient(create_graph=kept)
         else:
             prefix, last = split(tree)
-            result = point.pullback(graph[prefix], value[last], create_graph=keep)
-        if keep:
+            result = point.pullback(graph[prefix], value[last], create_graph=kept)
+        if kept:
             graph[tree] = result
         value[tree] = [leaf.detach() for leaf in result]
+    return graph, value
+
+
+def _shared_graphs(loss: Loss, params: Tree, plan: Plan) -> tuple[Tree, list[Tree]]:
+    point = AutogradPoint(loss, params)
+    graph, value = elementary_differentials(point, plan.trees, plan.graphs)
 
     xis = []
     for direct, groups in zip(plan.direct, plan.sums):

@@ -43,7 +43,7 @@ from eomlib import _tree, symbolic
 from eomlib._checks import check_fraction, check_int, check_lr, check_nonnegative
 from eomlib._tree import Tree
 from eomlib.bseries import LEAF, graft, lie_derivative, size
-from eomlib.counter_terms import check_order, split
+from eomlib.counter_terms import check_order, elementary_differentials, split
 from eomlib.derivatives import (
     AutogradPoint,
     Loss,
@@ -269,17 +269,7 @@ def evaluate_trees(loss: Loss, params: Tree, coefficients: dict, lr: float) -> T
 def _shared_graphs(loss: Loss, params: Tree, trees: list[tuple]) -> dict:
     point = AutogradPoint(loss, params)
     prefixes = {split(tree)[0] for tree in trees if tree != LEAF}
-    graph, value = {}, {}
-    for tree in trees:
-        keep = tree in prefixes
-        if tree == LEAF:
-            result = point.gradient(create_graph=keep)
-        else:
-            prefix, last = split(tree)
-            result = point.pullback(graph[prefix], value[last], create_graph=keep)
-        if keep:
-            graph[tree] = result
-        value[tree] = [leaf.detach() for leaf in result]
+    _, value = elementary_differentials(point, trees, prefixes)
     return {tree: point.tree(leaves) for tree, leaves in value.items()}
 
 
