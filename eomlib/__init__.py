@@ -54,6 +54,15 @@ from eomlib.optimizers.minibatch import (
     sgd_epochs,
 )
 from eomlib.parameters import check_parameters
+from eomlib.resummation import principal_flow_field, resummed_rate, truncated_rate
+from eomlib.spectrum import (
+    Eigenpairs,
+    SharpnessTrack,
+    SharpnessTracker,
+    dense_hessian,
+    top_eigenpairs,
+    track_sharpness,
+)
 from eomlib.symmetries import Symmetries, find_symmetries, with_weight_decay
 
 __version__ = "0.1.0"
@@ -62,12 +71,15 @@ __all__ = [
     "DATASETS",
     "MODELS",
     "Dataset",
+    "Eigenpairs",
     "Comparison",
     "DivergenceError",
     "Problem",
     "SecondDerivativeError",
     "SeriesDivergenceError",
     "ShuffleMean",
+    "SharpnessTrack",
+    "SharpnessTracker",
     "batched_hvp",
     "Cache",
     "cached",
@@ -76,6 +88,7 @@ __all__ = [
     "compare_with_gd",
     "confidence_interval",
     "counter_terms",
+    "dense_hessian",
     "discretization_errors",
     "distance",
     "eom_field",
@@ -96,12 +109,17 @@ __all__ = [
     "minibatch_field",
     "modified_field",
     "optimizer_trajectory",
+    "principal_flow_field",
+    "resummed_rate",
     "roundoff_floor",
     "Symmetries",
     "find_symmetries",
     "savefig",
     "sgd_epochs",
+    "top_eigenpairs",
     "top_eigenvalue",
+    "track_sharpness",
+    "truncated_rate",
     "use_style",
     "with_weight_decay",
 ]

@@ -66,6 +66,11 @@ CHECKS = {
     "eps_small": lambda v: _checks.check_lr(v, "eps_small"),
     "lr_transient": lambda v: _checks.check_lr(v, "lr_transient"),
     "transient_tol": lambda v: _checks.check_open_fraction(v, "transient_tol"),
+    # Where the EoM stops.
+    "fractions": lambda v: _check_fractions_of_the_edge(v),
+    "start_step": lambda v: _checks.check_int(v, "start_step"),
+    "hvps_per_step": lambda v: _checks.check_int(v, "hvps_per_step", minimum=1),
+    "max_evaluations": lambda v: _checks.check_int(v, "max_evaluations", minimum=1),
 }
 
 
@@ -79,6 +84,22 @@ def _check_batch_sizes(values) -> list[int]:
         _checks.check_int(b, f"batch_sizes[{i}]", minimum=1)
         for i, b in enumerate(values)
     ]
+
+
+def _check_fractions_of_the_edge(values) -> list[float]:
+    """Values of ``lr * lambda_max``, each in (0, 2): GD's stable range."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, list) or not values:
+        raise TypeError(
+            f"fractions must be a non-empty list of numbers; got {values!r}"
+        )
+    for i, value in enumerate(values):
+        _checks.check_lr(value, f"fractions[{i}]")
+        if not value < 2:
+            raise ValueError(
+                f"fractions[{i}] must be below 2, GD's stability edge for "
+                f"lr * lambda_max; got fractions[{i}]={value!r}"
+            )
+    return [float(v) for v in values]
 
 
 def check_parameters(**parameters) -> dict:

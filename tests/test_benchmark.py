@@ -71,6 +71,16 @@ def test_side_by_side_timings_decide_the_peer_target_by_the_hardest_peer():
     assert peer["measured"] == 0.97 and peer["met"]
 
 
+def test_sharpness_tracking_is_counted_in_hvps_of_the_same_case():
+    results = _results(
+        {"hvp, reverse over reverse": 2.5, "sharpness tracking, per GD step": 7.0},
+        {},
+    )
+    checks = {c["target"]: c for c in benchmark.check_targets(results)}
+    check = checks["sharpness tracking, per GD step <= 3 x hvp, reverse over reverse"]
+    assert check["measured"] == 7.0 / 2.5 and check["met"]
+
+
 def test_the_latest_results_are_the_newest_by_date(tmp_path):
     for date in ("2026-01-02", "2026-11-30", "2025-12-31"):
         (tmp_path / f"benchmark-cpu-{date}.json").write_text(json.dumps({"d": date}))
@@ -111,6 +121,7 @@ def test_the_command_writes_every_row_and_the_products_agree(tmp_path):
         "counter terms, orders 1-2",
         "EoM field from optimizer steps, order 2",
         "GD, 100 steps",
+        "sharpness tracking, per GD step",
         "EoM₁ integrated over 100 GD steps",
     ]:
         assert rows[name]["ratio"] > 0, name
