@@ -11,7 +11,7 @@ from eomlib import _checks
 from eomlib.data import check_available
 from eomlib.flows import check_tolerances
 from eomlib.models import ACTIVATIONS, MODELS
-from eomlib.optimizers.minibatch import check_confidence
+from eomlib.optimizers.minibatch import check_batch_size, check_confidence
 
 PROFILES = ("quick", "full")
 
@@ -116,4 +116,9 @@ def check_parameters(**parameters) -> dict:
             CHECKS[name](value)
     if "rtol" in parameters and "dtype" in parameters:
         check_tolerances(_checks.resolve_dtype(parameters["dtype"]), parameters["rtol"])
+    if parameters.get("num_samples") is not None:
+        for name in ("batch_size", "batch_sizes"):
+            sizes = parameters.get(name)
+            for size in [sizes] if isinstance(sizes, int) else sizes or []:
+                check_batch_size(size, parameters["num_samples"])
     return parameters

@@ -162,6 +162,37 @@ BAD_CALLS = {
         ValueError,
         r"rtol=1e-10 is below what float32 resolves .* use rtol >= 1e-06",
     ),
+    # The optimizers beyond GD, and their chapters' parameters.
+    "a momentum of 1": (
+        lambda: eomlib.modified_field(_never, torch.optim.SGD, lr=0.1, momentum=1),
+        ValueError,
+        r"momentum must be in \[0, 1\); got momentum=1",
+    ),
+    "Adam's betas out of range": (
+        lambda: eomlib.modified_field(_never, torch.optim.Adam, lr=0.1, betas=(0.9, 1)),
+        ValueError,
+        r"betas\[1\] must be in \[0, 1\); got betas\[1\]=1",
+    ),
+    "a batch size that does not divide the examples": (
+        lambda: eomlib.check_parameters(num_samples=256, batch_size=7),
+        ValueError,
+        r"batch_size must divide the number of examples, 256, .* got batch_size=7",
+    ),
+    "lr * lambda_max past GD's edge": (
+        lambda: eomlib.check_parameters(fractions=[0.5, 2.5]),
+        ValueError,
+        r"fractions\[1\] must be below 2, GD's stability edge",
+    ),
+    "a fraction of a bound that is not below 1": (
+        lambda: eomlib.check_parameters(lr_fractions=[0.4, 1.2]),
+        ValueError,
+        r"lr_fractions\[1\] must be in \(0, 1\); got lr_fractions\[1\]=1.2",
+    ),
+    "no eigenpairs asked for": (
+        lambda: eomlib.top_eigenpairs(_never, X, 0),
+        ValueError,
+        r"k must be an integer >= 1; got k=0",
+    ),
 }
 if not torch.cuda.is_available():
     BAD_CALLS["device='cuda' without a GPU"] = (
