@@ -51,7 +51,7 @@ def check_same_structure(tree: Tree, other: Tree, names: tuple[str, str]) -> Non
 def check_floating(tree: Tree, name: str = "params") -> None:
     """Raise ``TypeError`` naming the leaf unless every leaf is a floating-point
     tensor: derivatives exist only for those."""
-    pairs = [("", tree)] if isinstance(tree, torch.Tensor) else _items(tree)
+    pairs = [("", tree)] if isinstance(tree, torch.Tensor) else _items(tree, name)
     for key, leaf in pairs:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"{name}{key} must be a tensor; got {type(leaf).__name__}")
@@ -63,10 +63,10 @@ def check_floating(tree: Tree, name: str = "params") -> None:
             )
 
 
-def _items(tree):
+def _items(tree, name: str = "params"):
     if not isinstance(tree, Mapping):
         raise TypeError(
-            f"params must be a tensor or a dict of tensors; got {type(tree).__name__}"
+            f"{name} must be a tensor or a dict of tensors; got {type(tree).__name__}"
         )
     return [(f"[{key!r}]", leaf) for key, leaf in tree.items()]
 

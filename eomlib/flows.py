@@ -215,7 +215,16 @@ def field_from_iterates(iterates: Tree, lr: float, order: int) -> Tree:
     lr = check_lr(lr)
     weights = [float(c) for c in log_difference_coefficients(order)]
     span = len(weights)
-    length = _tree.leaves(iterates)[0].shape[0]
+    _tree.check_floating(iterates, "iterates")
+    lengths = {x.shape[0] if x.dim() else 0 for x in _tree.leaves(iterates)}
+    if not lengths:
+        raise ValueError("iterates must hold at least one tensor; got an empty dict")
+    if len(lengths) != 1:
+        raise ValueError(
+            "every leaf of iterates must hold the same number of iterates along its "
+            f"first axis; got lengths {sorted(lengths)}"
+        )
+    (length,) = lengths
     if length < span:
         raise ValueError(f"order {order} needs at least {span} iterates; got {length}")
 
@@ -266,18 +275,26 @@ def gd_trajectory(
     return _tree.tree_map(lambda *leaves: torch.stack(leaves), *iterates)
 
 
-def _divergence_message(loss: Loss, iterates: list, lr: float, step: int) -> str:
-    """Why GD stopped: the step, and ``lr * lambda_max`` at the last finite iterate
-    (or at the start, when the last one's curvature is not finite either)."""
+def _divergence_message(
+    loss: Loss, iterates: list, lr: float, step: int, method: str = "GD"
+) -> str:
+    """Why ``method`` stopped: the step, and ``lr * lambda_max`` at the last finite
+    iterate (or at the start, when the last one's curvature is not finite either);
+    GD's stability limit is named only for GD."""
     message = (
-        f"GD diverged at step {step} with lr={lr:g}: the parameters are no longer "
-        "finite."
+        f"{method} diverged at step {step} with lr={lr:g}: the parameters are no "
+        "longer finite."
     )
     for where, point in ((step - 1, iterates[-1]), (0, iterates[0])):
         try:
             sharpness = abs(top_eigenvalue(loss, point, num_iters=50, rtol=1e-3))
         except (RuntimeError, ValueError):  # NOTE: overflow in the products
             continue
+        if math.isfinite(sharpness) and sharpness > 0 and method != "GD":
+            return (
+                f"{message} At step {where}, lr * lambda_max = {lr * sharpness:.3g} "
+                f"(lambda_max = {sharpness:.3g}). Use a smaller learning rate."
+            )
         if math.isfinite(sharpness) and sharpness > 0:
             return (
                 f"{message} At step {where}, lr * lambda_max = {lr * sharpness:.3g} "
@@ -385,7 +402,11 @@ def optimizer_trajectory(
         engine.step()
         current = _tree.rebuild([leaf.detach().clone() for leaf in leaves], params)
         if not torch.isfinite(_tree.flatten(current)).all():
-            raise DivergenceError(_divergence_message(loss, iterates, lr, step + 1))
+            plain = optimizer is torch.optim.SGD and not hyper.get("momentum", 0)
+            method = "GD" if plain else optimizer.__name__
+            raise DivergenceError(
+                _divergence_message(loss, iterates, lr, step + 1, method)
+            )
         iterates.append(current)
         if state:
             states.append(

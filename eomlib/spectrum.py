@@ -176,6 +176,7 @@ def lanczos(
     basis = torch.empty((max_iters, size), dtype=like.dtype, device=like.device)
     alphas, betas = [], []
     values = vectors = residuals = None
+    block = 0  # where the current Krylov block starts, after a restart
     for m in range(1, max_iters + 1):
         basis[m - 1] = q
         w = operator(q)
@@ -189,13 +190,23 @@ def lanczos(
         alphas.append(alpha)
         betas.append(beta)
 
+        closed = beta <= 10 * torch.finfo(like.dtype).eps * max(abs(a) for a in alphas)
         if m >= k:
             values, coefficients, residuals = _ritz(alphas, betas, k, which)
             scale = values.abs().max().clamp_min(torch.finfo(like.dtype).tiny)
-            if m == max_iters or (residuals <= tol * scale).all():
+            # A span that closed holds exact eigenpairs, but not necessarily the
+            # wanted ones: it restarts, and the Ritz pairs of the new block must
+            # converge too before the wanted ones are taken from all blocks.
+            converged = not closed and bool((residuals <= tol * scale).all())
+            if converged and block > 0:
+                size_now = min(k, m - block)
+                _, _, fresh = _ritz(alphas[block:], betas[block:], size_now, which)
+                converged = bool((fresh <= tol * scale).all())
+            if m == max_iters or converged:
                 break
-        if beta <= 10 * torch.finfo(like.dtype).eps * max(abs(a) for a in alphas):
+        if closed:
             # An invariant subspace: restart orthogonally to everything so far.
+            block = m
             betas[-1] = torch.zeros_like(beta)
             w = random_vector()
             for _ in range(2):
@@ -307,8 +318,10 @@ def track_sharpness(
     ``every > 1``, the steps in between take no product and repeat the last
     estimate.
 
-    The budget is exact: step 0 takes at most ``start_hvps`` products, and every
-    later step ``hvps_per_step`` or none; ``SharpnessTrack.hvps`` records the count.
+    The budget is a bound: step 0 takes at most ``start_hvps`` products, and every
+    later step at most ``hvps_per_step`` (fewer where the span of the warm start
+    closes, as it can in few dimensions) or none; ``SharpnessTrack.hvps`` records
+    the count.
 
     Args:
         loss: a function of ``params`` returning a 0-d tensor.
@@ -338,7 +351,20 @@ def track_sharpness(
     iterates, sharpness, losses, hvps = [params], [], [], []
     for step in range(num_steps):
         if step % every == 0:
-            g, value, used = tracker.update(params)
+            try:
+                g, value, used = tracker.update(params)
+            except torch.linalg.LinAlgError as error:  # NOTE: the products overflowed
+                last = (
+                    f"{lr * sharpness[-1]:.3g} at step {step - 1}"
+                    if sharpness
+                    else None
+                )
+                raise DivergenceError(
+                    f"GD diverged by step {step} with lr={lr:g}: the Hessian-vector "
+                    "products are no longer finite"
+                    + (f"; lr * lambda_max was {last}" if last else "")
+                    + " (GD is stable only below 2)"
+                ) from error
         else:
             g, used = grad(loss, params), 0
         losses.append(loss(params).item())

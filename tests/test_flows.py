@@ -373,3 +373,23 @@ def test_the_field_read_off_gd_iterates_is_the_truncated_logarithm(order):
     assert fields.shape == (3, 2)
     for k in range(3):
         torch.testing.assert_close(fields[k], expected(gd[k]), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("iterates", "error", "message"),
+    [
+        (
+            {"a": torch.ones(6, 2), "b": torch.ones(2, 2)},
+            ValueError,
+            r"every leaf of iterates must hold the same number of iterates .* \[2, 6\]",
+        ),
+        ([torch.ones(6)], TypeError, "iterates must be a tensor or a dict of tensors"),
+        ({}, ValueError, "iterates must hold at least one tensor"),
+        (torch.ones(2, dtype=torch.float64), ValueError, "order 1 needs at least 3"),
+    ],
+)
+def test_iterates_of_a_bad_shape_are_named_before_any_field_is_read(
+    iterates, error, message
+):
+    with pytest.raises(error, match=message):
+        eomlib.field_from_iterates(iterates, 0.1, 1)

@@ -90,3 +90,44 @@ def test_an_optimizer_without_a_field_or_a_bad_hyper_parameter_is_named(
 ):
     with pytest.raises(error, match=message):
         eomlib.modified_field(_loss, optimizer, **hyper)
+
+
+def test_torchs_own_sgd_defaults_are_accepted_and_weight_decay_is_the_decayed_loss():
+    hyper = torch.optim.SGD([torch.nn.Parameter(X.clone())], lr=0.1, momentum=0.5)
+    hyper = dict(hyper.defaults, weight_decay=0.3)
+    field = eomlib.modified_field(_loss, torch.optim.SGD, order=2, **hyper)
+    decayed = eomlib.with_weight_decay(_loss, 0.3)
+    expected = heavy_ball.sgd_field(decayed, order=2, lr=0.1, momentum=0.5)
+    torch.testing.assert_close(field(X), expected(X), rtol=0, atol=0)
+
+
+def test_plain_sgd_takes_any_order_of_gds_eom():
+    field = eomlib.modified_field(_loss, torch.optim.SGD, order=5, lr=0.1)
+    torch.testing.assert_close(field(X), eomlib.eom_field(_loss, 0.1, 5)(X))
+
+
+@pytest.mark.parametrize(
+    ("hyper", "error", "message"),
+    [
+        (
+            {"momentum": 0.5},
+            TypeError,
+            r"the SGD field needs lr=\.\.\.; got \['momentum'\]",
+        ),
+        (
+            {"lr": 0.1, "betas": (0.9, 0.99)},
+            TypeError,
+            "SGD has no hyper-parameter 'betas'",
+        ),
+        ({"lr": 0.1, "maximize": True}, ValueError, "maximize=True is not modelled"),
+    ],
+)
+def test_sgds_keywords_are_torchs_and_the_rest_is_named(hyper, error, message):
+    with pytest.raises(error, match=message):
+        eomlib.modified_field(_loss, torch.optim.SGD, **hyper)
+
+
+def test_a_problem_without_a_batch_size_is_sent_back_for_its_loss():
+    problem = eomlib.make_problem("mlp", "digits", num_samples=6, hidden=[3])
+    with pytest.raises(TypeError, match="pass problem.loss, or batch_size"):
+        eomlib.modified_field(problem, torch.optim.Adam, lr=0.1)

@@ -121,3 +121,31 @@ def test_bad_input_is_named(mlp, call, match):
     loss, params = mlp
     with pytest.raises(ValueError, match=match):
         call(loss, params)
+
+
+@pytest.mark.parametrize(("which", "expected"), [("largest", 3.0), ("magnitude", -5.0)])
+def test_a_start_in_an_invariant_subspace_still_finds_the_top_eigenvalue(
+    which, expected
+):
+    # The start is an eigenvector of 1: its Krylov space closes at once, holding an
+    # exact but unwanted eigenpair, and Lanczos must restart to find the others.
+    A = torch.diag(torch.tensor([3.0, 1.0, -5.0], dtype=torch.float64))
+    start = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    found = eomlib.top_eigenpairs(
+        lambda x: 0.5 * x @ A @ x,
+        torch.zeros(3, dtype=torch.float64),
+        1,
+        start=start,
+        which=which,
+    )
+    torch.testing.assert_close(
+        found.values, torch.tensor([expected], dtype=torch.float64)
+    )
+
+
+def test_tracking_a_diverging_run_stops_with_a_divergence_error():
+    def loss(x):
+        return (x**2).sum() + 0.1 * (x**4).sum()
+
+    with pytest.raises(eomlib.DivergenceError, match="GD diverged by step"):
+        eomlib.track_sharpness(loss, torch.ones(2, dtype=torch.float64), 5.0, 200)

@@ -53,14 +53,49 @@ def modified_field(
         >>> field(torch.ones(2, dtype=torch.float64))  # GD's EoM_1: -g - lr/2 H g
         tensor([-2.2000, -2.2000], dtype=torch.float64)
     """
+    if optimizer not in FIELDS:
+        known = ", ".join(f"torch.optim.{cls.__name__}" for cls in FIELDS)
+        raise ValueError(f"no modified field for {optimizer!r}; known: {known}")
     if "batch_size" in hyper:
         if optimizer is not torch.optim.SGD:
             raise ValueError(
                 "batch_size=... has a derived field only for torch.optim.SGD; "
                 f"got {optimizer!r}"
             )
-        return minibatch.shuffled_sgd_field(loss, order=order, **hyper)
-    if optimizer not in FIELDS:
-        known = ", ".join(f"torch.optim.{cls.__name__}" for cls in FIELDS)
-        raise ValueError(f"no modified field for {optimizer!r}; known: {known}")
+        return minibatch.shuffled_sgd_field(loss, order=order, **_sgd_hyper(hyper))
+    if isinstance(loss, Problem):
+        raise TypeError(
+            "loss must be a function of params; got an eomlib.Problem: pass "
+            "problem.loss, or batch_size=... (torch.optim.SGD only) for the field of "
+            "shuffled minibatches, which needs the data"
+        )
+    if optimizer is torch.optim.SGD:
+        hyper = _sgd_hyper(hyper)
     return FIELDS[optimizer](loss, order=order, **hyper)
+
+
+# torch.optim.SGD's options that choose its implementation, not its update.
+SGD_IMPLEMENTATION = ("foreach", "differentiable", "fused")
+SGD_HYPER = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+
+
+def _sgd_hyper(hyper: dict) -> dict:
+    """``torch.optim.SGD``'s keywords, checked: unknown names and a missing ``lr``
+    are refused with what is allowed, ``maximize`` only at False, and the
+    implementation switches dropped."""
+    allowed = (*SGD_HYPER, "batch_size", *SGD_IMPLEMENTATION)
+    unknown = sorted(set(hyper) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"SGD has no hyper-parameter {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    if "lr" not in hyper:
+        raise TypeError(f"the SGD field needs lr=...; got {sorted(hyper)}")
+    if hyper.get("maximize", False) is not False:
+        raise ValueError(
+            f"maximize={hyper['maximize']!r} is not modelled by the SGD field; "
+            "allowed: maximize=False"
+        )
+    dropped = ("maximize", *SGD_IMPLEMENTATION)
+    return {name: value for name, value in hyper.items() if name not in dropped}

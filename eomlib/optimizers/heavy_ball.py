@@ -59,6 +59,7 @@ from eomlib.flows import (
     integrate,
     optimizer_trajectory,
 )
+from eomlib.symmetries import with_weight_decay
 
 # The highest order of sgd_field: trees of up to MAX_ORDER + 1 nodes.
 MAX_ORDER = 4
@@ -303,9 +304,14 @@ def sgd_field(
     momentum: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    weight_decay: float = 0.0,
 ) -> Field:
-    """The modified field of ``torch.optim.SGD(lr, momentum, dampening, nesterov)``
-    on its slow manifold, truncated at ``lr^order``.
+    """The modified field of ``torch.optim.SGD(lr, momentum, dampening, nesterov,
+    weight_decay)`` on its slow manifold, truncated at ``lr^order``.
+
+    Coupled weight decay adds ``weight_decay params`` to each gradient, which makes
+    the field that of ``loss + weight_decay/2 |params|^2``
+    (:func:`eomlib.with_weight_decay`).
 
     ``F = -c/(1-beta) g - lr c^2 (1+beta) / (2 (1-beta)^3) H g + O(lr^2)`` with
     ``c = 1 - dampening`` (:func:`field_coefficients` for the rest and for
@@ -323,10 +329,11 @@ def sgd_field(
         tensor([-4.2400, -4.2400], dtype=torch.float64)
     """
     lr = check_lr(lr)
-    order = _check_order(order)
     momentum, dampening, nesterov = check_hyper(momentum, dampening, nesterov)
+    loss = with_weight_decay(loss, weight_decay)
     if momentum == 0.0:
         return eom_field(loss, lr, order)
+    order = _check_order(order)
     coefficients = _with_subtrees(
         field_coefficients(order, momentum, dampening, nesterov=nesterov)
     )
