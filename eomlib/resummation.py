@@ -71,6 +71,8 @@ def resummed_rate(x: torch.Tensor, *, branch: str = "real") -> torch.Tensor:
     """
     check_choice(branch, "branch", BRANCHES)
     x = torch.as_tensor(x)
+    if not x.is_floating_point():  # integers and bools: in the default float dtype
+        x = x.to(torch.get_default_dtype())
     if branch == "raise" and (x >= 1).any():
         worst = x.max().item()
         raise ValueError(

@@ -359,3 +359,11 @@ def _bn_problem():
 def test_bad_input_is_named(small, call, error, match):
     with pytest.raises(error, match=match):
         call(small)
+
+
+def test_float_batch_indices_are_refused_not_truncated():
+    problem = eomlib.make_problem("mlp", "digits", num_samples=6, hidden=[3])
+    with pytest.raises(
+        TypeError, match=r"batch indices must be integers; got \[0.0, 1.7\]"
+    ):
+        eomlib.sgd_epochs(problem, 0.1, 2, batches=[[[0.0, 1.7], [2, 3], [4, 5]]])

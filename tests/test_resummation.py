@@ -159,3 +159,10 @@ def test_on_a_non_quadratic_loss_the_resummation_adds_the_h_power_terms_of_xi_2(
     g = eomlib.grad(loss, params)
     expected = -(lr**2) / 3 * eomlib.hvp(loss, params, eomlib.hvp(loss, params, g))
     torch.testing.assert_close(difference, expected, atol=0, rtol=1e-2)
+
+
+def test_the_rate_of_integer_arguments_is_computed_in_floating_point():
+    torch.testing.assert_close(
+        resummed_rate(torch.tensor([0, 2])),
+        resummed_rate(torch.tensor([0.0, 2.0])),
+    )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 import statistics
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -198,10 +199,7 @@ def sgd_epochs(
             for _ in range(num_epochs)
         )
     else:
-        epochs = [
-            [torch.as_tensor(list(b), dtype=torch.long) for b in epoch]
-            for epoch in batches
-        ]
+        epochs = [[_indices(b) for b in epoch] for epoch in batches]
         for epoch in epochs:
             _check_epoch(epoch, num_samples, batch_size)
 
@@ -229,6 +227,18 @@ def _run_sgd(loss, params: Tree, lr: float, batch_size: int, epochs, device) -> 
             )
         ends.append(end)
     return _tree.tree_map(lambda *x: torch.stack(x), *ends)
+
+
+def _indices(batch) -> torch.Tensor:
+    """One batch of example indices, integers only (a float is refused, not
+    truncated)."""
+    values = list(batch)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        if not all(
+            isinstance(v, torch.Tensor) and not v.is_floating_point() for v in values
+        ):
+            raise TypeError(f"batch indices must be integers; got {values!r}")
+    return torch.as_tensor(values, dtype=torch.long)
 
 
 def _check_epoch(epoch: list[torch.Tensor], num_samples: int, batch_size: int):
@@ -509,7 +519,7 @@ def shuffled_sgd_field(
 
 def check_confidence(confidence) -> float:
     """A confidence level strictly between 0 and 1."""
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real):
         raise TypeError(f"confidence must be a number in (0, 1); got {confidence!r}")
     if not 0 < confidence < 1:
         raise ValueError(
