@@ -52,6 +52,32 @@ def check_open_fraction(value, name: str) -> float:
     return float(value)
 
 
+def check_optimizer_keywords(
+    name: str, hyper: dict, modelled, *, fixed: dict, ignored=()
+) -> dict:
+    """An optimizer's keyword arguments for its modified field: names outside
+    ``modelled``, ``fixed`` and ``ignored`` and a missing ``lr`` are refused with what
+    is allowed, and an option of ``fixed`` only at its value there. Returns the
+    ``modelled`` ones.
+    """
+    allowed = [*modelled, *fixed, *ignored]
+    unknown = sorted(set(hyper) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"{name} has no hyper-parameter {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    if "lr" not in hyper:
+        raise TypeError(f"the {name} field needs lr=...; got {sorted(hyper)}")
+    for option, value in fixed.items():
+        if option in hyper and hyper[option] != value:
+            raise ValueError(
+                f"{option}={hyper[option]!r} is not modelled by the {name} field; "
+                f"allowed: {option}={value!r}"
+            )
+    return {key: value for key, value in hyper.items() if key in modelled}
+
+
 def check_lrs(lrs, name: str = "lrs") -> list[float]:
     """A non-empty list of learning rates."""
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Iterable):

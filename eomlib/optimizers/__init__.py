@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from eomlib._checks import check_optimizer_keywords
 from eomlib.derivatives import Loss
 from eomlib.flows import Field
 from eomlib.models import Problem
@@ -74,28 +75,17 @@ def modified_field(
     return FIELDS[optimizer](loss, order=order, **hyper)
 
 
-# torch.optim.SGD's options that choose its implementation, not its update.
+# torch.optim.SGD's keywords: those its fields model (batch_size is eomlib's own,
+# for shuffled minibatches), one modelled at its default only, and the switches
+# that choose torch's implementation rather than the update.
+SGD_HYPER = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "batch_size")
+SGD_FIXED = {"maximize": False}
 SGD_IMPLEMENTATION = ("foreach", "differentiable", "fused")
-SGD_HYPER = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 
 
 def _sgd_hyper(hyper: dict) -> dict:
-    """``torch.optim.SGD``'s keywords, checked: unknown names and a missing ``lr``
-    are refused with what is allowed, ``maximize`` only at False, and the
-    implementation switches dropped."""
-    allowed = (*SGD_HYPER, "batch_size", *SGD_IMPLEMENTATION)
-    unknown = sorted(set(hyper) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"SGD has no hyper-parameter {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(allowed)}"
-        )
-    if "lr" not in hyper:
-        raise TypeError(f"the SGD field needs lr=...; got {sorted(hyper)}")
-    if hyper.get("maximize", False) is not False:
-        raise ValueError(
-            f"maximize={hyper['maximize']!r} is not modelled by the SGD field; "
-            "allowed: maximize=False"
-        )
-    dropped = ("maximize", *SGD_IMPLEMENTATION)
-    return {name: value for name, value in hyper.items() if name not in dropped}
+    """``torch.optim.SGD``'s keywords, checked, without the ones that do not change
+    the field."""
+    return check_optimizer_keywords(
+        "SGD", hyper, SGD_HYPER, fixed=SGD_FIXED, ignored=SGD_IMPLEMENTATION
+    )

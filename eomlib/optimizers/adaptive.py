@@ -83,7 +83,13 @@ import torch
 from torch import func
 
 from eomlib import _tree
-from eomlib._checks import check_fraction, check_int, check_lr, check_nonnegative
+from eomlib._checks import (
+    check_fraction,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    check_optimizer_keywords,
+)
 from eomlib._tree import Tree
 from eomlib.derivatives import Loss, grad, hvp
 from eomlib.flows import Field
@@ -299,22 +305,10 @@ def _check_order(order, orders=ORDERS, what="Adam and RMSprop") -> int:
 def _check_hyper(name: str, hyper: dict, known: dict, fixed: dict) -> dict:
     """The hyper-parameters with defaults filled in; unknown names, a missing lr,
     and options that are not modelled are refused with what is allowed."""
-    allowed = [*known, *fixed, *IMPLEMENTATION]
-    unknown = sorted(set(hyper) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"{name} has no hyper-parameter {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(allowed)}"
-        )
-    if "lr" not in hyper:
-        raise TypeError(f"the {name} field needs lr=...; got {sorted(hyper)}")
-    for option, value in fixed.items():
-        if option in hyper and hyper[option] != value:
-            raise ValueError(
-                f"{option}={hyper[option]!r} is not modelled by the {name} field; "
-                f"allowed: {option}={value!r}"
-            )
-    values = {**known, **{k: v for k, v in hyper.items() if k in known}}
+    given = check_optimizer_keywords(
+        name, hyper, known, fixed=fixed, ignored=IMPLEMENTATION
+    )
+    values = {**known, **given}
     values["lr"] = check_lr(values["lr"])
     values["eps"] = check_lr(values["eps"], "eps")
     values["weight_decay"] = check_nonnegative(values["weight_decay"], "weight_decay")
