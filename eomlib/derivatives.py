@@ -336,7 +336,16 @@ def _batched_hvp_reverse(loss: Loss, params: Tree, vectors: Tree) -> Tree:
         return func.vmap(lambda v: pullback(v)[0])(vectors)
     point = AutogradPoint(loss, params)
     g = point.gradient(create_graph=True)
-    return point.tree(point.pullback(g, _tree.leaves(vectors), False, batched=True))
+    leaves = _tree.leaves(vectors)
+    if getattr(loss, "sharded", False):
+        # The all-reduce of a sharded loss cannot run inside autograd's batched
+        # backward, so each vector takes its own pass through the one graph.
+        rows = [
+            point.pullback(g, [leaf[i] for leaf in leaves], False, retain=True)
+            for i in range(leaves[0].shape[0])
+        ]
+        return point.tree([torch.stack(column) for column in zip(*rows)])
+    return point.tree(point.pullback(g, leaves, False, batched=True))
 
 
 def _grad_derivative_reverse(loss: Loss, params: Tree, vectors: list[Tree]) -> Tree:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from eomlib import distributed
 from eomlib._checks import (
     check_choice,
     check_int,
@@ -147,7 +148,7 @@ def make_model(
     return model.to(dtype=dtype, device=device)
 
 
-def make_loss(model: nn.Module, data: Dataset) -> Loss:
+def make_loss(model: nn.Module, data: Dataset, *, distributed: bool = False) -> Loss:
     """The mean cross-entropy of ``model`` over all of ``data``, as ``loss(params)``.
 
     ``params`` is a dict with the names of ``model.named_parameters()``. The loss runs
@@ -163,7 +164,17 @@ def make_loss(model: nn.Module, data: Dataset) -> Loss:
     ``batch_norm`` instead, whose first and second derivatives are right and faster
     but whose third and higher are not; ``eomlib`` takes gradients and
     Hessian-vector products from it (see :func:`eomlib.derivatives.for_second_order`).
+
+    With ``distributed=True`` (in a process group that :func:`eomlib.distributed.init`
+    joined) each rank evaluates its own contiguous shard of ``data`` and the loss is
+    the sum over the ranks divided by ``len(data)``: the same function, with the same
+    derivatives of every order, on every rank. Each BatchNorm then normalises with
+    the statistics of the whole batch, summed over the ranks as well; such a loss has
+    no ``second_order`` version, since the fused kernel cannot sum across processes.
+    Its attribute ``sharded`` is True.
     """
+    if distributed:
+        return _sharded_loss(model, data)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return _loss_of(copy.deepcopy(model), data)
     loss = _loss_of(
@@ -180,16 +191,49 @@ def _loss_of(private: nn.Module, data: Dataset) -> Loss:
     forward = _layer_by_layer(private) or partial(functional_call, private)
 
     def loss(params):
-        if params.keys() != names:
-            raise KeyError(
-                f"params must name exactly the model's parameters; missing "
-                f"{sorted(names - params.keys())}, unknown "
-                f"{sorted(params.keys() - names)}"
-            )
+        _check_names(params, names)
         logits = forward(params, (data.X,))
         return nn.functional.cross_entropy(logits, data.y)
 
     return loss
+
+
+def _sharded_loss(model: nn.Module, data: Dataset) -> Loss:
+    """This rank's part of the full-batch loss, summed over the ranks inside."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise distributed.DistributedError(
+            "make_loss(..., distributed=True) shards the data over a process group, "
+            "and this process has joined none: call eomlib.distributed.init first"
+        )
+    start, stop = distributed.shard_bounds(len(data), distributed.world_size())[
+        distributed.rank()
+    ]
+    X, y, total = data.X[start:stop], data.y[start:stop], len(data)
+    private = copy.deepcopy(model)
+    for _, child in list(private.named_modules()):
+        for attribute, grandchild in list(child.named_children()):
+            if isinstance(grandchild, nn.modules.batchnorm._BatchNorm):
+                setattr(child, attribute, SyncedBatchNorm(grandchild, total))
+    names = {name for name, _ in private.named_parameters()}
+    forward = _layer_by_layer(private) or partial(functional_call, private)
+
+    def loss(params):
+        _check_names(params, names)
+        logits = forward(distributed.replicate_tree(params), (X,))
+        summed = nn.functional.cross_entropy(logits, y, reduction="sum")
+        return distributed.sum_over_ranks(summed) / total
+
+    loss.sharded = True
+    return loss
+
+
+def _check_names(params, names) -> None:
+    if params.keys() != names:
+        raise KeyError(
+            f"params must name exactly the model's parameters; missing "
+            f"{sorted(names - params.keys())}, unknown "
+            f"{sorted(params.keys() - names)}"
+        )
 
 
 def _layer_by_layer(module: nn.Module):
@@ -216,7 +260,7 @@ def _layer_by_layer(module: nn.Module):
             steps.append(
                 partial(_conv2d, layer, f"{name}.weight", _bias_name(layer, name))
             )
-        elif kind in (BatchNormFromPrimitives, BatchStatisticsNorm):
+        elif kind in (BatchNormFromPrimitives, BatchStatisticsNorm, SyncedBatchNorm):
             steps.append(partial(_batch_norm, layer, name))
         elif (
             kind in _STATELESS
@@ -341,6 +385,32 @@ class BatchNormFromPrimitives(BatchStatisticsNorm):
         return out
 
 
+class SyncedBatchNorm(BatchNormFromPrimitives):
+    """:class:`BatchNormFromPrimitives` over a batch sharded across ranks.
+
+    Each channel's mean and variance are those of all ``num_samples`` examples: the
+    per-rank sums are added over the ranks by :func:`eomlib.distributed.all_reduce`,
+    whose derivatives of every order are sums over the ranks too. It exists only
+    inside a loss of ``make_loss(..., distributed=True)``.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_samples: int):
+        super().__init__(norm)
+        self.num_samples = num_samples
+
+    def normalize(self, x, weight=None, bias=None) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = self.num_samples * x[0, 0].numel()
+        mean = distributed.all_reduce(x.sum(dims, keepdim=True)) / count
+        centred = x - mean
+        var = distributed.all_reduce(centred.pow(2).sum(dims, keepdim=True)) / count
+        out = centred * torch.rsqrt(var + self.eps)
+        if weight is not None:
+            out = out * weight.view(shape) + bias.view(shape)
+        return out
+
+
 def _with_batch_norms(module: nn.Module, kind: type) -> nn.Module:
     """``module`` with each BatchNorm swapped, in place, for ``kind`` of it."""
     for name, child in module.named_children():
@@ -378,9 +448,15 @@ def make_problem(
     num_samples: int | None = None,
     dtype="float64",
     device="cpu",
+    distributed: bool = False,
     **model_options,
 ) -> Problem:
-    """Load ``dataset``, build ``model`` from ``seed`` and form the full-batch loss."""
+    """Load ``dataset``, build ``model`` from ``seed`` and form the full-batch loss.
+
+    With ``distributed=True`` the loss is sharded over the ranks of the process group
+    (see :func:`make_loss`); the data, the network and the parameters are the same on
+    every rank, whatever the number of ranks.
+    """
     check_choice(model, "model", MODELS)
     data = load_dataset(dataset, num_samples=num_samples, dtype=dtype, device=device)
     network = make_model(
@@ -392,4 +468,5 @@ def make_problem(
         device=device,
         **model_options,
     )
-    return Problem(network, data, make_loss(network, data), initial_params(network))
+    loss = make_loss(network, data, distributed=distributed)
+    return Problem(network, data, loss, initial_params(network))
