@@ -13,5 +13,8 @@ LIMIT=${CHAPTER_LIMIT:-600}
 
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible to torch')" || exit 1
 "$PY" benchmarks/derivatives.py --device cuda --out results/gpu || status=1
+# The sharding benchmark (benchmarks/distributed.py) is not run here: it starts its
+# ranks with eomlib.distributed.launch, which joins CPU processes by gloo. Scaling
+# across GPUs needs NCCL ranks, one a GPU, started by `torchrun --nproc-per-node N`.
 "$PY" benchmarks/chapters.py --profile full --limit "$LIMIT" --out results/gpu || status=1
 exit "${status:-0}"

@@ -9,6 +9,7 @@ The public names below are a contract: the book's chapters and readers' own code
 build on them.
 """
 
+from eomlib import distributed
 from eomlib.cache import Cache, cached, code_version
 from eomlib.counter_terms import counter_terms
 from eomlib.data import DATASETS, Dataset, load_dataset
@@ -90,6 +91,7 @@ __all__ = [
     "counter_terms",
     "dense_hessian",
     "discretization_errors",
+    "distributed",
     "distance",
     "eom_field",
     "eom_trajectory",

@@ -9,7 +9,9 @@ convolution flops (``torch.utils.flop_counter``) and, for Hessian-vector product
 its largest difference from eomlib's reverse-mode product.
 
 Run it with ``python benchmarks/derivatives.py`` (see ``--help``); the performance
-appendix of the book renders the JSON it writes.
+appendix of the book renders the JSON it writes. The functions at the end read and
+format the JSON of ``benchmarks/distributed.py``, which times a gradient and an HVP
+of a loss sharded over several processes.
 """
 
 from __future__ import annotations
@@ -707,22 +709,22 @@ def check_targets(results: dict) -> list[dict]:
     return checks
 
 
-def save(results: dict, folder: str | Path) -> Path:
-    """Write ``results`` as ``benchmark-<device>-<date>.json`` in ``folder``."""
+def save(results: dict, folder: str | Path, *, prefix: str = "benchmark") -> Path:
+    """Write ``results`` as ``<prefix>-<device>-<date>.json`` in ``folder``."""
     meta = results["meta"]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = meta["device_name"] if meta["device"].startswith("cuda") else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    path = folder / f"benchmark-{slug}-{meta['date']}.json"
+    path = folder / f"{prefix}-{slug}-{meta['date']}.json"
     path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return path
 
 
-def load_latest(folder: str | Path) -> dict | None:
-    """The newest ``benchmark-*.json`` in ``folder`` (by the date in its name), or
-    None when there is none."""
-    paths = sorted(Path(folder).glob("benchmark-*.json"), key=lambda p: p.stem[-10:])
+def load_latest(folder: str | Path, *, prefix: str = "benchmark") -> dict | None:
+    """The newest ``<prefix>-*.json`` in ``folder`` (by the date in its name), or
+    None when there is none; ``prefix="distributed"`` reads the sharding runs."""
+    paths = sorted(Path(folder).glob(f"{prefix}-*.json"), key=lambda p: p.stem[-10:])
     if not paths:
         return None
     results = json.loads(paths[-1].read_text())
@@ -856,3 +858,118 @@ def plot_ratios(runs: dict[str, dict], groups=None):
 
 def _optional(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------
+# The sharding runs of benchmarks/distributed.py: one gradient and one HVP of a
+# loss sharded over W gloo processes, against W = 1 and the unsharded loss.
+
+SHARDED_OPERATIONS = ("grad", "hvp")
+
+
+def scaling(case: dict) -> dict:
+    """The ratios of one case of a sharding run: for each world size and operation
+    the speed-up, time at one sharded rank over time at W ranks; and for each
+    operation the overhead of sharding, time at one sharded rank over the unsharded
+    loss's time. Both are ratios of medians."""
+    one = next(w for w in case["worlds"] if w["world_size"] == 1)
+    return {
+        "speedup": {
+            w["world_size"]: {
+                op: one[f"{op}_ms"] / w[f"{op}_ms"] for op in SHARDED_OPERATIONS
+            }
+            for w in case["worlds"]
+        },
+        "overhead": {
+            op: one[f"{op}_ms"] / case["baseline"][f"{op}_ms"]
+            for op in SHARDED_OPERATIONS
+        },
+    }
+
+
+def distributed_rows(results: dict, case: str) -> list[dict]:
+    """The rows of one case of a sharding run, ready for a Markdown table: one a
+    world size, after the unsharded loss, with the medians in ms, the speed-ups
+    and the all-reduce of one parameter-sized vector alone."""
+    data = results["cases"][case]
+    ratios = scaling(data)
+    base = data["baseline"]
+    table = [
+        {
+            "ranks": "unsharded",
+            "threads a rank": str(base["threads"]),
+            "gradient ms": f"{base['grad_ms']:.3g}",
+            "HVP ms": f"{base['hvp_ms']:.3g}",
+            "gradient speed-up": "",
+            "HVP speed-up": "",
+            "all-reduce ms": "",
+        }
+    ]
+    for world in data["worlds"]:
+        up = ratios["speedup"][world["world_size"]]
+        table.append(
+            {
+                "ranks": str(world["world_size"]),
+                "threads a rank": str(world["threads_per_rank"]),
+                "gradient ms": f"{world['grad_ms']:.3g}",
+                "HVP ms": f"{world['hvp_ms']:.3g}",
+                "gradient speed-up": f"{up['grad']:.2f}",
+                "HVP speed-up": f"{up['hvp']:.2f}",
+                "all-reduce ms": f"{world['all_reduce_ms']:.3g}",
+            }
+        )
+    return table
+
+
+def distributed_report(results: dict) -> str:
+    """A sharding run as plain text: one table a case, then its ratios."""
+    meta = results["meta"]
+    lines = [
+        f"{meta['cpu_count']} CPU cores; median of {meta['repetitions']} "
+        f"repetitions after {meta['warmup']} warm-up ones, on rank 0"
+    ]
+    for case, data in results["cases"].items():
+        ratios = scaling(data)
+        lines.append(
+            f"\n{case}: {data['num_params']} parameters, {data['num_samples']} "
+            f"samples; overhead of sharding at one rank: gradient "
+            f"{ratios['overhead']['grad']:.2f}, HVP {ratios['overhead']['hvp']:.2f}"
+        )
+        rows = distributed_rows(results, case)
+        widths = {
+            key: max(len(key), *(len(row[key]) for row in rows)) for key in rows[0]
+        }
+        lines.append("  " + "  ".join(key.rjust(widths[key]) for key in rows[0]))
+        for row in rows:
+            lines.append(
+                "  " + "  ".join(value.rjust(widths[key]) for key, value in row.items())
+            )
+    return "\n".join(lines)
+
+
+def plot_scaling(results: dict):
+    """The speed-up of a gradient and of an HVP over one sharded rank, against the
+    number of ranks, one line a case; a dotted line marks the machine's cores."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, 2, figsize=(8.4, 3.4), sharey=True, layout="constrained"
+    )
+    cores = results["meta"]["cpu_count"]
+    speedups = {
+        case: scaling(data)["speedup"] for case, data in results["cases"].items()
+    }
+    sizes = sorted({w for speedup in speedups.values() for w in speedup})
+    for ax, operation, title in zip(axes, SHARDED_OPERATIONS, ("gradient", "HVP")):
+        for case, speedup in speedups.items():
+            ranks = sorted(speedup)
+            ax.plot(ranks, [speedup[w][operation] for w in ranks], "o-", label=case)
+        ax.axhline(1.0, color="0.3", linewidth=0.8)
+        ax.axvline(cores, color="0.5", linestyle=":", linewidth=1.0)
+        ax.set(title=title, xlabel="ranks (processes)")
+        ax.set_xticks(sizes)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over one sharded rank")
+    axes[-1].legend(loc="lower left")
+    return fig

@@ -33,6 +33,10 @@ the entry's name. Beside it ``KEY.json`` records, for people, the parameters, th
 code hash and how long the computation took. An entry that cannot be read, or that
 holds another key, is recomputed with a logged warning.
 
+In a distributed run (:mod:`eomlib.distributed`) the ranks agree on a hit, so that
+all of them load or all compute; rank 0 stores, and the key holds the number of
+ranks, whose sums differ from one process's by round-off.
+
 The folder is ``.cache/eomlib`` under the current directory (the book's root when
 the runner executes a chapter), or ``$EOMLIB_CACHE_DIR``; ``EOMLIB_CACHE=off``
 switches the cache off, so that every call computes.
@@ -55,6 +59,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from eomlib import distributed
 
 log = logging.getLogger(__name__)
 
@@ -187,25 +193,34 @@ class Cache:
         path = self.directory / name / f"{key}.pt"
 
         found, value, seconds = self._load(path, key)
-        if found:
+        # The ranks of a distributed run all load, or all compute together.
+        if distributed.all_agree(found):
             log.info("cache hit %s %s: saved %.2f s", name, key[:12], seconds)
             return value
 
         start = time.perf_counter()
         value = compute()
         seconds = time.perf_counter() - start
-        self._store(path, key, value, seconds, name, parameters, device)
+        if distributed.rank() == 0:
+            self._store(path, key, value, seconds, name, parameters, device)
         log.info("cache miss %s %s: computed in %.2f s", name, key[:12], seconds)
         return value
 
     def _record(self, name, parameters, device) -> dict:
-        return {
+        record = {
             "name": name,
             "parameters": canonical(parameters),
             "device": None if device is None else str(device),
             "torch": torch.__version__,
             "code": code_version(),
         }
+        ranks = distributed.world_size()
+        if ranks > 1:
+            # Each rank has its own GPU; the entry is the run's, by kind of device.
+            if device is not None:
+                record["device"] = torch.device(device).type
+            record["world_size"] = ranks
+        return record
 
     def _load(self, path: Path, key: str) -> tuple[bool, Any, float]:
         if not path.exists():

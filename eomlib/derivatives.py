@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, func
 
-from eomlib import _tree
+from eomlib import _tree, distributed
 from eomlib._checks import check_choice, check_int
 from eomlib._tree import Tree
 
@@ -276,24 +276,54 @@ def _check_twice_differentiable(loss: Loss, value: torch.Tensor) -> None:
     that passed is not walked again."""
     if _checked.get(loss, False):
         return
-    seen, stack = set(), [value.grad_fn]
+    for node in _graph(value):
+        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+            raise SecondDerivativeError(_ONCE_DIFFERENTIABLE)
+    _remember(_checked, loss, True)
+
+
+def _graph(*outputs: torch.Tensor):
+    """Every node of the autograd graph behind ``outputs``, once each."""
+    seen, stack = set(), [output.grad_fn for output in outputs]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
-        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
-            raise SecondDerivativeError(_ONCE_DIFFERENTIABLE)
+        yield node
         stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _crosses_ranks(loss: Loss, gradient: list[torch.Tensor]) -> bool:
+    """Whether the graph of ``loss``'s gradient passes through a collective of
+    :mod:`eomlib.distributed`, which autograd's batched backward
+    (``is_grads_batched``) cannot run; the answer is remembered for ``loss``."""
+    if loss not in _crossing:
+        collectives = distributed.COLLECTIVES
+        found = any(
+            getattr(node, "_forward_cls", None) in collectives
+            for node in _graph(*gradient)
+        )
+        if not _remember(_crossing, loss, found):
+            return found
+    return _crossing[loss]
+
+
+def _remember(table: weakref.WeakKeyDictionary, loss: Loss, value: bool) -> bool:
+    """``table[loss] = value``; False for an object without weak references, which
+    is then examined each time."""
     try:
-        _checked[loss] = True
-    except TypeError:  # NOTE: objects without weak references are walked each time
-        pass
+        table[loss] = value
+    except TypeError:
+        return False
+    return True
 
 
-# Losses whose graph has been walked for once-differentiable operations.
+# Losses whose graph has been walked for once-differentiable operations, and for
+# collectives across ranks.
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_crossing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The code of the wrapper that ``once_differentiable`` puts around a backward.
 _ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(
     lambda ctx: None
@@ -337,7 +367,7 @@ def _batched_hvp_reverse(loss: Loss, params: Tree, vectors: Tree) -> Tree:
     point = AutogradPoint(loss, params)
     g = point.gradient(create_graph=True)
     leaves = _tree.leaves(vectors)
-    if getattr(loss, "sharded", False):
+    if _crosses_ranks(loss, g):
         # The all-reduce of a sharded loss cannot run inside autograd's batched
         # backward, so each vector takes its own pass through the one graph.
         rows = [
@@ -421,16 +451,11 @@ def _operations_without_jvp(loss: Loss, params) -> list[str]:
             value = loss(_tree.rebuild(inputs, params))
         except Exception:  # NOTE: only an error message depends on this
             return []
-    names, seen, stack = set(), set(), [value.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    names = set()
+    for node in _graph(value):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and getattr(cls, "jvp", base) is base:
             names.add(f"{cls.__module__}.{cls.__qualname__}")
-        stack.extend(next_node for next_node, _ in node.next_functions)
     return sorted(names)
 
 
@@ -457,10 +482,7 @@ def _lacks_double_backward(error: Exception) -> bool:
 
 
 def _remember_forward_only(loss: Loss) -> None:
-    try:
-        _forward_only[loss] = True
-    except TypeError:  # NOTE: objects without weak references are not remembered
-        pass
+    _remember(_forward_only, loss, True)
 
 
 def top_eigenvalue(

@@ -83,7 +83,8 @@ def init(
     """Join this process to the run's process group; True when it has several ranks.
 
     ``world_size=1`` outside ``torchrun`` does nothing and returns False, so a
-    chapter calls ``init(world_size)`` unconditionally. Otherwise the process must
+    chapter calls ``init(world_size)`` unconditionally; one rank started as such (by
+    ``torchrun`` or :func:`launch`) joins a group of one. Otherwise the process must
     have been started as one of ``world_size`` ranks (by ``torchrun``,
     ``python -m eomlib.runner --world-size``, or :func:`launch`), whose environment
     names its rank and the rendezvous. On CUDA each rank takes the GPU of its
@@ -107,11 +108,11 @@ def init(
                 f"group of {dist.get_world_size()} ranks"
             )
         return world_size > 1
-    if world_size == 1 and environment in (None, "1"):
+    missing = [name for name in _RANK_VARIABLES if name not in os.environ]
+    if world_size == 1 and missing:
         return False
     if not dist.is_available():
         raise DistributedError("this build of torch has no torch.distributed")
-    missing = [name for name in _RANK_VARIABLES if name not in os.environ]
     if missing:
         raise DistributedError(
             f"world_size={world_size} needs {world_size} processes started together, "
@@ -272,6 +273,11 @@ class _Replicate(torch.autograd.Function):
         return _Replicate.apply(x), in_dims[0]
 
 
+# The autograd functions that communicate: the graph of a loss that passes through
+# one is evaluated one vector at a time where autograd would batch vectors.
+COLLECTIVES = (_SumOverRanks, _Replicate)
+
+
 def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
     """The sum over the ranks of each one's ``partial``, on every rank, as a
     differentiable function: a shard's summed loss becomes the full one."""
@@ -303,6 +309,18 @@ def all_reduce(partial: torch.Tensor) -> torch.Tensor:
     return replicate(sum_over_ranks(partial))
 
 
+def all_agree(flag: bool) -> bool:
+    """Whether ``flag`` is true on every rank (just ``flag`` outside a group): a
+    decision that must be the same everywhere, such as a cache hit."""
+    if not is_active():
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(bool(flag))], device=device)
+    with _collective("agreement of the ranks"):
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+    return bool(votes.item())
+
+
 def check_replicated(tree: Tree, name: str = "params") -> None:
     """Raise unless every leaf of ``tree`` holds the same bits on every rank.
 
@@ -325,6 +343,26 @@ def check_replicated(tree: Tree, name: str = "params") -> None:
                 f"{name} differ across ranks (leaf {index}) on "
                 f"{int(differs.item())} of {dist.get_world_size()} ranks"
             )
+
+
+def sharded_derivatives(order: int = 2, **problem) -> dict[str, Tree]:
+    """The derivatives of ``make_problem(**problem)`` at its initial parameters, its
+    loss sharded over this process group's ranks (whole outside one).
+
+    Returns the loss, the gradient ``g``, ``H g`` and the counter terms
+    ``xi_1 ... xi_order``, by name: what the book compares across numbers of ranks,
+    through ``launch(partial(sharded_derivatives, order, **problem), n)``.
+    """
+    from eomlib.counter_terms import counter_terms_and_grad
+    from eomlib.derivatives import hvp
+    from eomlib.models import make_problem
+
+    made = make_problem(**problem, distributed=is_active())
+    g, xis = counter_terms_and_grad(made.loss, made.params, order)
+    values = {"loss": made.loss(made.params).detach(), "g": g}
+    values["H g"] = hvp(made.loss, made.params, g)
+    values |= {f"xi_{k}": xi for k, xi in enumerate(xis, start=1)}
+    return values
 
 
 # ---------------------------------------------------------------------------

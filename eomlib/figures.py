@@ -30,6 +30,8 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib import pyplot as plt
 
+from eomlib import distributed
+
 STYLE = {
     "figure.figsize": (6.4, 4.0),
     "figure.dpi": 110,
@@ -91,7 +93,8 @@ def savefig(
             one the runner is executing (``$EOMLIB_CHAPTER``), else unknown.
 
     Returns:
-        The paths written, by kind: ``{"pdf": ..., "png": ..., "json": ...}``.
+        The paths written, by kind: ``{"pdf": ..., "png": ..., "json": ...}``. On a
+        rank other than 0 of a distributed run nothing is written: rank 0 saves it.
 
     Raises:
         ValueError: the name is not a stable identifier.
@@ -104,6 +107,9 @@ def savefig(
         )
     chapter = chapter or os.environ.get(CHAPTER_VARIABLE) or None
     directory = Path(directory)
+    if distributed.rank() != 0:
+        # Every rank of a distributed run draws the figure; rank 0 keeps it.
+        return {kind: directory / f"{name}.{kind}" for kind in ("pdf", "png", "json")}
     _check_unique(load_manifest(directory), name, chapter)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {kind: directory / f"{name}.{kind}" for kind in ("pdf", "png", "json")}
@@ -116,6 +122,7 @@ def savefig(
         "parameters": parameters,
         "seed": seed,
         "device": str(device) if device is not None else None,
+        "world_size": distributed.world_size(),
         "python": platform.python_version(),
         "libraries": _versions(),
         "commit": _commit(),

@@ -171,7 +171,6 @@ def make_loss(model: nn.Module, data: Dataset, *, distributed: bool = False) -> 
     derivatives of every order, on every rank. Each BatchNorm then normalises with
     the statistics of the whole batch, summed over the ranks as well; such a loss has
     no ``second_order`` version, since the fused kernel cannot sum across processes.
-    Its attribute ``sharded`` is True.
     """
     if distributed:
         return _sharded_loss(model, data)
@@ -223,7 +222,6 @@ def _sharded_loss(model: nn.Module, data: Dataset) -> Loss:
         summed = nn.functional.cross_entropy(logits, y, reduction="sum")
         return distributed.sum_over_ranks(summed) / total
 
-    loss.sharded = True
     return loss
 
 

@@ -7,7 +7,7 @@ with a message naming the parameter, the value and what is allowed.
 
 from __future__ import annotations
 
-from eomlib import _checks
+from eomlib import _checks, distributed
 from eomlib.data import check_available
 from eomlib.flows import check_tolerances
 from eomlib.models import ACTIVATIONS, MODELS
@@ -71,6 +71,8 @@ CHECKS = {
     "start_step": lambda v: _checks.check_int(v, "start_step"),
     "hvps_per_step": lambda v: _checks.check_int(v, "hvps_per_step", minimum=1),
     "max_evaluations": lambda v: _checks.check_int(v, "max_evaluations", minimum=1),
+    # Ranks that shard the data; the runner sets it from --world-size.
+    "world_size": lambda v: _checks.check_int(v, "world_size", minimum=1),
 }
 
 
@@ -116,6 +118,8 @@ def check_parameters(**parameters) -> dict:
             CHECKS[name](value)
     if "rtol" in parameters and "dtype" in parameters:
         check_tolerances(_checks.resolve_dtype(parameters["dtype"]), parameters["rtol"])
+    if parameters.get("num_samples") is not None and "world_size" in parameters:
+        distributed.shard_bounds(parameters["num_samples"], parameters["world_size"])
     if parameters.get("num_samples") is not None:
         for name in ("batch_size", "batch_sizes"):
             sizes = parameters.get(name)

@@ -20,6 +20,13 @@ name, type and value before any notebook starts. papermill executes each noteboo
 into ``executed/NAME.ipynb`` (where the book reads it), with ``$EOMLIB_CHAPTER``
 naming it so that its figures enter ``figures/manifest.json`` under its name, and
 Jupyter Book renders HTML into ``_build/html`` without executing anything again.
+
+``--world-size N`` runs each notebook that declares a ``world_size`` parameter on N
+ranks that shard its data (:mod:`eomlib.distributed`): the runner starts
+``torchrun`` for that notebook, every rank executes it with papermill, and rank 0's
+execution is the one kept, with its figures. A notebook without the parameter runs
+in one process as before. Under a ``torchrun`` of the user's own, each rank's
+runner executes the notebooks it is given, all of which must declare the parameter.
 """
 
 from __future__ import annotations
@@ -45,11 +52,16 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 
 from eomlib import figures
+from eomlib._checks import check_int
 from eomlib.parameters import PROFILES, check_parameters
 
 log = logging.getLogger("eomlib.runner")
 
 KERNEL_NAME = "eomlib"
+
+# The parameter through which a notebook takes the number of ranks; the runner sets
+# it from --world-size.
+WORLD_SIZE = "world_size"
 
 
 class RunError(RuntimeError):
@@ -218,8 +230,21 @@ def parse_value(text: str):
         return text
 
 
-def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) -> Path:
-    """Run one notebook with papermill into ``root/executed/NAME.ipynb``."""
+def execute(
+    root: Path,
+    name: str,
+    parameters: dict,
+    *,
+    progress: bool = False,
+    rank: int = 0,
+    rendezvous: str | None = None,
+) -> Path:
+    """Run one notebook with papermill into ``root/executed/NAME.ipynb``.
+
+    A rank other than 0 of a distributed run executes into a scratch folder and
+    leaves the figures to rank 0; ``rendezvous`` names this execution's process
+    group (see :func:`eomlib.distributed.init`).
+    """
     notebook = read_notebook(root, name)
     notebook.metadata["kernelspec"] = {
         "name": KERNEL_NAME,
@@ -229,11 +254,15 @@ def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) 
     output = root / "executed" / f"{name}.ipynb"
     output.parent.mkdir(exist_ok=True)
 
+    suffix = "" if rank == 0 else f".rank{rank}"
     start = time.perf_counter()
     with (
         tempfile.TemporaryDirectory() as scratch,
         _kernelspec(),
-        figures.chapter_run(root / "figures", name),
+        _environment(EOMLIB_RENDEZVOUS=rendezvous),
+        figures.chapter_run(root / "figures", name)
+        if rank == 0
+        else _environment(**{figures.CHAPTER_VARIABLE: name}),
     ):
         source = Path(scratch) / f"{name}.ipynb"
         partial = Path(scratch) / f"{name}.executed.ipynb"
@@ -250,19 +279,37 @@ def execute(root: Path, name: str, parameters: dict, *, progress: bool = False) 
             )
         except PapermillExecutionError as error:
             # The last good execution stays where the book reads it.
-            failed = root / "_build" / "failed" / f"{name}.ipynb"
+            failed = root / "_build" / "failed" / f"{name}{suffix}.ipynb"
             failed.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(partial, failed)
+            where = f" on rank {rank}" if rendezvous is not None else ""
             raise RunError(
-                f"notebook {name!r} failed in cell {error.cell_index} "
+                f"notebook {name!r} failed{where} in cell {error.cell_index} "
                 f"(execution count {error.exec_count}): {error.ename}: {error.evalue}\n"
                 f"the partly executed notebook is {failed}"
             ) from error
+        if rank != 0:
+            return partial
         staged = output.with_suffix(".ipynb.partial")
         shutil.copyfile(partial, staged)
         os.replace(staged, output)
     log.info("executed %s in %.1f s", name, time.perf_counter() - start)
     return output
+
+
+@contextlib.contextmanager
+def _environment(**variables):
+    """Set the environment variables that are not None, and restore them after."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update({k: v for k, v in variables.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -326,22 +373,129 @@ def run(
     overrides: dict | None = None,
     build: bool = True,
     progress: bool = False,
+    world_size: int | None = None,
 ) -> None:
-    """Check every notebook's parameters, execute them all, then build the book."""
+    """Check every notebook's parameters, execute them all, then build the book.
+
+    ``world_size`` above 1 runs the notebooks that declare it on that many ranks;
+    under ``torchrun`` it defaults to (and must equal) ``$WORLD_SIZE``.
+    """
     root = Path(root).resolve()
-    plans = plan(root, profile, notebooks, overrides)
+    ranks = _ranks_of_this_run(world_size)
+    plans = plan(root, profile, notebooks, overrides, world_size=ranks)
+    if _under_torchrun():
+        _run_as_rank(root, plans, build=build, progress=progress)
+        return
     for name, parameters in plans.items():
-        log.info("executing %s with %s", name, parameters)
-        execute(root, name, parameters, progress=progress)
+        if ranks > 1 and WORLD_SIZE in parameters:
+            log.info("executing %s on %d ranks with %s", name, ranks, parameters)
+            _execute_on_ranks(root, name, profile, overrides or {}, ranks)
+        else:
+            log.info("executing %s with %s", name, parameters)
+            execute(root, name, parameters, progress=progress)
     if build:
         index = build_book(root)
         log.info("the book is at %s", index)
 
 
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _ranks_of_this_run(world_size: int | None) -> int:
+    if _under_torchrun():
+        started = int(os.environ["WORLD_SIZE"])
+        if world_size not in (None, started):
+            raise RunError(
+                f"--world-size {world_size}, but torchrun started {started} ranks"
+            )
+        return started
+    if world_size is None:
+        return 1
+    try:
+        return check_int(world_size, "world_size", minimum=1)
+    except (TypeError, ValueError) as error:
+        raise RunError(str(error)) from error
+
+
+def _run_as_rank(root: Path, plans: dict, *, build: bool, progress: bool) -> None:
+    """One rank's part of a run that torchrun started: every notebook, in order,
+    each with a process group of its own."""
+    rank = int(os.environ["RANK"])
+    alone = [name for name, parameters in plans.items() if WORLD_SIZE not in parameters]
+    if alone:
+        raise RunError(
+            f"under torchrun every notebook runs on all ranks, and {', '.join(alone)} "
+            f"declare no {WORLD_SIZE!r} parameter; run them without torchrun"
+        )
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    for index, (name, parameters) in enumerate(plans.items()):
+        log.info("rank %d executing %s with %s", rank, name, parameters)
+        execute(
+            root,
+            name,
+            parameters,
+            progress=progress and rank == 0,
+            rank=rank,
+            rendezvous=f"{run_id}-{index}-{name}",
+        )
+    if build and rank == 0:
+        log.info("the book is at %s", build_book(root))
+
+
+def _execute_on_ranks(
+    root: Path, name: str, profile: str, overrides: dict, world_size: int
+) -> None:
+    """Execute one notebook on ``world_size`` ranks that torchrun starts."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={world_size}",
+        "-m",
+        "eomlib.runner",
+        "--root",
+        str(root),
+        "--profile",
+        profile,
+        "--notebook",
+        name,
+        "--world-size",
+        str(world_size),
+        "--no-build",
+    ]
+    for key, value in overrides.items():
+        command += ["-p", key, repr(value)]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=root)
+    if result.returncode != 0:
+        raise RunError(
+            f"notebook {name!r} failed on {world_size} ranks (torchrun exited with "
+            f"{result.returncode}); the failing rank's error is printed above"
+        )
+    log.info(
+        "executed %s on %d ranks in %.1f s",
+        name,
+        world_size,
+        time.perf_counter() - start,
+    )
+
+
 def plan(
-    root: Path, profile: str, notebooks: list[str] | None, overrides: dict | None
+    root: Path,
+    profile: str,
+    notebooks: list[str] | None,
+    overrides: dict | None,
+    *,
+    world_size: int = 1,
 ) -> dict[str, dict]:
-    """The checked parameters of each notebook to run, before anything runs."""
+    """The checked parameters of each notebook to run, before anything runs.
+
+    A notebook that declares ``world_size`` gets the run's; the others run in one
+    process.
+    """
     if not (root / "_toc.yml").exists():
         raise RunError(f"{root} is not the book's root: it has no _toc.yml")
     names = in_toc_order(root, notebooks) if notebooks else notebook_names(root)
@@ -353,6 +507,11 @@ def plan(
     # An override goes to every notebook that declares it; one that none declares is
     # a typo.
     overrides = overrides or {}
+    if WORLD_SIZE in overrides:
+        raise RunError(
+            f"the number of ranks is chosen with --world-size, not with -p "
+            f"{WORLD_SIZE}: the runner starts the ranks"
+        )
     known = sorted(set().union(*declared.values()))
     for key in overrides:
         if key not in known:
@@ -365,7 +524,8 @@ def plan(
             notebook,
             name,
             profile,
-            {k: v for k, v in overrides.items() if k in declared[name]},
+            {k: v for k, v in overrides.items() if k in declared[name]}
+            | ({WORLD_SIZE: world_size} if WORLD_SIZE in declared[name] else {}),
         )
         for name, notebook in notebooks_read.items()
     }
@@ -389,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("NAME", "VALUE"),
         help="override a parameter; VALUE is a Python literal or a string",
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks for the notebooks that shard their data (default 1; under "
+        "torchrun, its number of processes)",
+    )
     parser.add_argument("--root", default=".", help="the book's root (has _toc.yml)")
     parser.add_argument("--no-build", action="store_true", help="execute only")
     args = parser.parse_args(argv)
@@ -403,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
             build=not args.no_build,
             progress=sys.stderr.isatty(),
+            world_size=args.world_size,
         )
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)

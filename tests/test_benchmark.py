@@ -133,3 +133,71 @@ def test_the_command_writes_every_row_and_the_products_agree(tmp_path):
     installed = [peer for peer, version in results["meta"]["peers"].items() if version]
     assert len([r for r in rows.values() if r["group"] == "peer hvp"]) == len(installed)
     assert "targets:" in done.stdout and results["targets"]
+
+
+def _sharding_run():
+    """A small synthetic result of benchmarks/distributed.py: one case, two world
+    sizes, round numbers."""
+    worlds = [
+        dict(
+            world_size=1,
+            threads_per_rank=2,
+            grad_ms=2.0,
+            hvp_ms=5.0,
+            all_reduce_ms=0.05,
+        ),
+        dict(
+            world_size=2, threads_per_rank=1, grad_ms=4.0, hvp_ms=2.5, all_reduce_ms=1.0
+        ),
+    ]
+    case = dict(
+        num_params=10,
+        num_samples=20,
+        baseline=dict(threads=2, grad_ms=1.0, hvp_ms=4.0),
+        worlds=worlds,
+    )
+    meta = dict(cpu_count=2, repetitions=30, warmup=5)
+    return {"meta": meta, "cases": {"mlp-float32": case}}
+
+
+def test_sharding_ratios_are_one_rank_over_w_ranks_and_over_the_unsharded_loss():
+    ratios = benchmark.scaling(_sharding_run()["cases"]["mlp-float32"])
+    assert ratios["speedup"] == {
+        1: {"grad": 1.0, "hvp": 1.0},
+        2: {"grad": 0.5, "hvp": 2.0},
+    }
+    assert ratios["overhead"] == {"grad": 2.0, "hvp": 1.25}
+
+
+def test_a_sharding_run_formats_as_a_table_and_as_text():
+    results = _sharding_run()
+    rows = benchmark.distributed_rows(results, "mlp-float32")
+    assert [row["ranks"] for row in rows] == ["unsharded", "1", "2"]
+    assert rows[0]["gradient ms"] == "1" and rows[0]["gradient speed-up"] == ""
+    assert rows[2]["threads a rank"] == "1"
+    assert (rows[2]["gradient speed-up"], rows[2]["HVP speed-up"]) == ("0.50", "2.00")
+    assert rows[2]["all-reduce ms"] == "1"
+    text = benchmark.distributed_report(results)
+    assert text.startswith("2 CPU cores; median of 30 repetitions")
+    assert "overhead of sharding at one rank: gradient 2.00, HVP 1.25" in text
+    assert "unsharded" in text and "0.50" in text and "2.00" in text
+
+
+def test_a_sharding_run_plots_one_panel_an_operation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = benchmark.plot_scaling(_sharding_run())
+    assert [ax.get_title() for ax in fig.axes] == ["gradient", "HVP"]
+    (line,) = fig.axes[1].get_lines()[:1]
+    assert list(line.get_ydata()) == [1.0, 2.0]
+
+
+def test_sharding_runs_are_saved_and_read_beside_the_derivative_benchmark(tmp_path):
+    results = _sharding_run()
+    results["meta"].update(device="cpu", device_name="x86_64", date="2026-12-04")
+    path = benchmark.save(results, tmp_path, prefix="distributed")
+    assert path.name == "distributed-cpu-2026-12-04.json"
+    (tmp_path / "benchmark-cpu-2026-12-05.json").write_text(json.dumps({"d": 1}))
+    assert benchmark.load_latest(tmp_path, prefix="distributed")["path"] == str(path)
+    assert benchmark.load_latest(tmp_path)["d"] == 1

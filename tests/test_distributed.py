@@ -55,6 +55,10 @@ def quantities(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
         "hvp reverse": eomlib.hvp(loss, params, v, method="reverse"),
         "hvp forward": eomlib.hvp(loss, params, v, method="forward"),
         "batched hvp": eomlib.batched_hvp(loss, params, both),
+        # a wrapper hides nothing: the collectives are found in the graph
+        "batched hvp, wrapped loss": eomlib.batched_hvp(
+            lambda p: 1.0 * loss(p), params, both
+        ),
         "third derivative": eomlib.grad_derivative(loss, params, [v, w]),
         "counter terms 1-3": eomlib.counter_terms(loss, params, 3),
         "counter terms forward": eomlib.counter_terms(
@@ -135,6 +139,31 @@ def test_a_seed_gives_the_same_result_for_any_world_size():
         )
     # and the seed is what decides: another one starts elsewhere
     assert relative_error(gd_run(seed + 1), alone) > 1e-3
+
+
+def agreement() -> dict:
+    """What the ranks agree on, and whether replicated checks pass, on each rank."""
+    rank = distributed.rank()
+    same, own = torch.arange(5.0), torch.arange(5.0) + rank
+    results = {
+        "all true": distributed.all_agree(True),
+        "only rank 0": distributed.all_agree(rank == 0),
+    }
+    distributed.check_replicated({"x": same})
+    try:
+        distributed.check_replicated({"x": same, "y": own}, "iterates")
+    except distributed.DistributedError as error:
+        results["differing"] = str(error)
+    return results
+
+
+def test_ranks_agree_on_decisions_and_detect_differing_values():
+    for result in distributed.launch(agreement, 3, run_timeout=300):
+        assert result["all true"] and not result["only rank 0"]
+        assert (
+            "iterates differ across ranks (leaf 1) on 2 of 3 ranks"
+            in (result["differing"])
+        )
 
 
 def empty_shard() -> str:

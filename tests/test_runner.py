@@ -1,6 +1,7 @@
 """The runner: parameter checks before anything runs, execution, and the book."""
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -267,3 +268,114 @@ def test_a_learning_rate_past_the_series_radius_is_reported_not_fatal(tmp_path):
         r"lr = 4: the EoM's counter-term series diverges at GD step 0", text
     )
     assert re.search(r"lr \* \|lambda\|_max = [3-5]\.\d+ >= 1", text)
+
+
+def test_the_world_size_goes_to_the_notebooks_that_shard_their_data():
+    plans = runner.plan(ROOT, "quick", None, {}, world_size=3)
+    sharded = {name for name, p in plans.items() if "world_size" in p}
+    assert {"gd_gf_eom_digits", "discretization_error", "invariant_layers"} <= sharded
+    assert "figures" not in sharded and "performance" not in sharded
+    assert all(plans[name]["world_size"] == 3 for name in sharded)
+    assert runner.plan(ROOT, "quick", ["momentum"], {})["momentum"]["world_size"] == 1
+
+
+def test_the_world_size_is_chosen_with_its_own_option():
+    with pytest.raises(runner.RunError, match="--world-size"):
+        runner.plan(ROOT, "quick", None, {"world_size": 2})
+    with pytest.raises(runner.RunError, match="world_size must be an integer >= 1"):
+        runner.run(ROOT, world_size=0, build=False)
+
+
+def test_more_ranks_than_examples_stop_the_run_before_it_starts(tmp_path):
+    root = _copy_book(tmp_path)
+    with pytest.raises(runner.RunError, match="shard would be empty"):
+        runner.run(
+            root,
+            notebooks=["momentum"],
+            overrides={"num_samples": 3},
+            world_size=4,
+            build=False,
+        )
+    assert not (root / "executed").exists()
+
+
+SHARDED = """\
+---
+jupytext:
+  text_representation: {extension: .md, format_name: myst}
+kernelspec: {display_name: Python 3, language: python, name: python3}
+eomlib:
+  profiles: {quick: {}, full: {}}
+---
+
+# Sharded
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+world_size = 1
+fail_on_rank = -1
+profile = "quick"
+```
+
+```{code-cell} ipython3
+import matplotlib.pyplot as plt
+import eomlib
+
+distributed = eomlib.distributed.init(world_size)
+problem = eomlib.make_problem("mlp", num_samples=30, hidden=[3],
+                              distributed=distributed)
+if eomlib.distributed.rank() == fail_on_rank:
+    raise ValueError(f"rank {fail_on_rank} fails on purpose")
+loss = eomlib.cached("sharded-loss", {"n": 30},
+                     lambda: problem.loss(problem.params).item())
+fig = plt.figure()
+eomlib.savefig(fig, "sharded-loss", parameters={"world_size": world_size})
+print(f"ranks {eomlib.distributed.world_size()}, loss {loss!r}")
+```
+"""
+
+
+def _sharded_book(root: Path) -> Path:
+    (root / "_toc.yml").write_text("format: jb-book\nroot: executed/sharded\n")
+    (root / "notebooks").mkdir()
+    (root / "notebooks" / "sharded.md").write_text(SHARDED)
+    return root
+
+
+def _printed(executed: Path) -> str:
+    notebook = nbformat.read(executed, as_version=4)
+    return "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+    )
+
+
+@pytest.mark.slow
+def test_a_notebook_runs_on_two_ranks_through_torchrun(tmp_path, monkeypatch):
+    root = _sharded_book(tmp_path)
+    monkeypatch.setenv("EOMLIB_CACHE_DIR", str(tmp_path / "cache"))
+    runner.run(root, build=False)
+    alone = _printed(root / "executed" / "sharded.ipynb")
+    runner.run(root, build=False, world_size=2)
+    printed = _printed(root / "executed" / "sharded.ipynb")
+    assert alone.startswith("ranks 1, loss ") and printed.startswith("ranks 2, loss ")
+    loss_alone, loss_sharded = (
+        float(text.split("loss ")[1]) for text in (alone, printed)
+    )
+    assert abs(loss_sharded - loss_alone) <= 1e-15 * loss_alone
+    # rank 0 alone keeps the figure, and the cache holds one entry a world size
+    manifest = json.loads((root / "figures" / "manifest.json").read_text())
+    assert manifest["figures"]["sharded-loss"]["provenance"]["world_size"] == 2
+    assert len(list((tmp_path / "cache" / "sharded-loss").glob("*.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_fails_the_run_and_keeps_its_notebook(tmp_path):
+    root = _sharded_book(tmp_path)
+    with pytest.raises(runner.RunError, match="'sharded' failed on 2 ranks"):
+        runner.run(root, build=False, world_size=2, overrides={"fail_on_rank": 1})
+    assert (root / "_build" / "failed" / "sharded.rank1.ipynb").exists()
+    # rank 0 waited for rank 1 in the loss's all-reduce, and stopped too
+    assert not (root / "executed" / "sharded.ipynb").exists()
