@@ -228,7 +228,7 @@ class Cache:
         try:
             # weights_only=False unpickles arbitrary objects: safe here only because
             # these files are written by this module, in a folder of our own.
-            entry = torch.load(path, weights_only=False)
+            entry = torch.load(path, weights_only=False, map_location=_this_ranks_gpu())
             if entry["key"] != key or entry["format"] != _FORMAT:
                 raise ValueError(f"it holds the entry {entry['key'][:12]}")
             return True, entry["value"], entry["seconds"]
@@ -250,6 +250,14 @@ class Cache:
             path.with_suffix(".json"),
             lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()),
         )
+
+
+def _this_ranks_gpu() -> torch.device | None:
+    """Where a rank of a distributed run on GPUs loads an entry: its own GPU, not
+    the one rank 0 stored it from; None (as stored) otherwise."""
+    if distributed.world_size() > 1 and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
 def _atomic_write(path: Path, write: Callable) -> None:

@@ -2,7 +2,8 @@
 
 The EoM describes full-batch gradient descent, so each step needs the gradient, and
 each counter term nested derivatives, over the whole data set. Here every process
-(a *rank*) holds the same parameters and one contiguous shard of the data; the loss
+(a *rank*) holds the same parameters and evaluates one contiguous shard of the
+data; the loss
 of :func:`eomlib.make_loss` with ``distributed=True`` is the mean over all of it, on
 every rank. Because the sum across ranks sits *inside* that function, as two
 differentiable operations, everything eomlib derives from a loss (``grad``, ``hvp``,
@@ -23,8 +24,10 @@ each one's derivative is the other:
 The loss applies :func:`replicate` to the parameters and :func:`sum_over_ranks`
 to the shards' summed losses; a synchronised BatchNorm applies both to its per-channel
 sums. Since each backward rule is again one of the two operations, reverse over
-reverse, forward over reverse and every deeper nesting, ``vmap`` included, stay
-right. Every rank runs the same program (SPMD), so every rank meets the same
+reverse, forward over reverse and every deeper nesting, ``torch.func.vmap``
+included, stay right. (Autograd's own batched backward, ``is_grads_batched=True``,
+cannot run a collective; :func:`eomlib.batched_hvp` takes one vector a pass for
+such a loss.) Every rank runs the same program (SPMD), so every rank meets the same
 collectives in the same order; the all-reduce hands every rank the same bits, so
 the trajectories stay identical across ranks, adaptive integrators included.
 
@@ -55,9 +58,11 @@ from eomlib import _tree
 from eomlib._checks import check_int, check_lr, resolve_device
 from eomlib._tree import Tree
 
-# How long a collective waits for the other ranks before it fails. A rank that
-# stops with an error closes its connections, and the others fail at once; this
-# bounds the wait for a rank that hangs.
+# How long a collective waits for the other ranks before it fails. Under gloo a
+# rank that stops with an error closes its connections, and the others fail at
+# their next collective; this bounds the wait for a rank that hangs. NCCL's
+# collectives are asynchronous: its watchdog ends a rank whose collective has
+# waited this long.
 DEFAULT_TIMEOUT = 600.0
 
 # The environment of a rank, as torchrun sets it.
@@ -97,6 +102,10 @@ def init(
         timeout: seconds a collective waits for the other ranks before failing.
     """
     environment = os.environ.get("WORLD_SIZE")
+    if environment is not None and not environment.isdigit():
+        raise DistributedError(
+            f"$WORLD_SIZE must be a number of ranks; got {environment!r}"
+        )
     if world_size is None:
         world_size = int(environment or 1)
     check_int(world_size, "world_size", minimum=1)
@@ -292,7 +301,8 @@ def replicate(value: torch.Tensor) -> torch.Tensor:
 
 def replicate_tree(params: Tree) -> Tree:
     """:func:`replicate` of every leaf at once, through one flat vector, so that a
-    gradient costs one all-reduce however many tensors the parameters are."""
+    gradient costs one parameter-sized all-reduce however many tensors the
+    parameters are (besides the loss's own, of one number)."""
     leaves = _tree.leaves(params)
     if len(leaves) == 1:
         return _tree.rebuild([replicate(leaves[0])], params)
@@ -324,9 +334,9 @@ def all_agree(flag: bool) -> bool:
 def check_replicated(tree: Tree, name: str = "params") -> None:
     """Raise unless every leaf of ``tree`` holds the same bits on every rank.
 
-    Rank 0's copy is broadcast and compared exactly; a difference would soon send
-    the ranks down different paths (an adaptive integrator's step sizes), so a
-    chapter checks its trajectories with this.
+    Rank 0's copy is broadcast and compared bit for bit (so a NaN equals itself); a
+    difference would soon send the ranks down different paths (an adaptive
+    integrator's step sizes). The tests check trajectories with it.
     """
     if not is_active():
         return
@@ -334,9 +344,8 @@ def check_replicated(tree: Tree, name: str = "params") -> None:
         reference = leaf.detach().clone()
         with _collective(f"comparison of {name} across ranks"):
             dist.broadcast(reference, src=0)
-            differs = torch.tensor(
-                float(not torch.equal(reference, leaf.detach())), device=leaf.device
-            )
+            same = torch.equal(_bits(reference), _bits(leaf.detach()))
+            differs = torch.tensor(float(not same), device=leaf.device)
             dist.all_reduce(differs)
         if differs.item():
             raise DistributedError(
@@ -363,6 +372,10 @@ def sharded_derivatives(order: int = 2, **problem) -> dict[str, Tree]:
     values["H g"] = hvp(made.loss, made.params, g)
     values |= {f"xi_{k}": xi for k, xi in enumerate(xis, start=1)}
     return values
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 # ---------------------------------------------------------------------------

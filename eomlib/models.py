@@ -166,11 +166,14 @@ def make_loss(model: nn.Module, data: Dataset, *, distributed: bool = False) -> 
     Hessian-vector products from it (see :func:`eomlib.derivatives.for_second_order`).
 
     With ``distributed=True`` (in a process group that :func:`eomlib.distributed.init`
-    joined) each rank evaluates its own contiguous shard of ``data`` and the loss is
-    the sum over the ranks divided by ``len(data)``: the same function, with the same
-    derivatives of every order, on every rank. Each BatchNorm then normalises with
-    the statistics of the whole batch, summed over the ranks as well; such a loss has
-    no ``second_order`` version, since the fused kernel cannot sum across processes.
+    joined) each rank evaluates its own contiguous shard of ``data``, of which the
+    loss keeps a copy, and the loss is the sum over the ranks divided by
+    ``len(data)``: the same function, with the same derivatives of every order, on
+    every rank. Each BatchNorm then normalises with the statistics of the whole
+    batch, summed over the ranks as well; such a loss has no ``second_order``
+    version, since the fused kernel cannot sum across processes. Any other operation
+    that mixes examples (a module of your own that centres the batch) sees only its
+    rank's shard: the sum over the ranks is exact for what is a sum over examples.
     """
     if distributed:
         return _sharded_loss(model, data)
@@ -204,10 +207,16 @@ def _sharded_loss(model: nn.Module, data: Dataset) -> Loss:
             "make_loss(..., distributed=True) shards the data over a process group, "
             "and this process has joined none: call eomlib.distributed.init first"
         )
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(
+            "a sharded loss synchronises the BatchNorms inside a network; a "
+            "BatchNorm that is the whole model is not supported"
+        )
     start, stop = distributed.shard_bounds(len(data), distributed.world_size())[
         distributed.rank()
     ]
-    X, y, total = data.X[start:stop], data.y[start:stop], len(data)
+    # Copies, so that the loss does not keep the whole data set alive.
+    X, y, total = data.X[start:stop].clone(), data.y[start:stop].clone(), len(data)
     private = copy.deepcopy(model)
     for _, child in list(private.named_modules()):
         for attribute, grandchild in list(child.named_children()):
@@ -453,7 +462,9 @@ def make_problem(
 
     With ``distributed=True`` the loss is sharded over the ranks of the process group
     (see :func:`make_loss`); the data, the network and the parameters are the same on
-    every rank, whatever the number of ranks.
+    every rank, whatever the number of ranks. ``Problem.data`` is then still the
+    whole data set, loaded on every rank: the computation is sharded, the data's
+    memory is not.
     """
     check_choice(model, "model", MODELS)
     data = load_dataset(dataset, num_samples=num_samples, dtype=dtype, device=device)

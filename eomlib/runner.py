@@ -238,12 +238,12 @@ def execute(
     progress: bool = False,
     rank: int = 0,
     rendezvous: str | None = None,
-) -> Path:
-    """Run one notebook with papermill into ``root/executed/NAME.ipynb``.
+) -> Path | None:
+    """Run one notebook with papermill into ``root/executed/NAME.ipynb``; that path.
 
-    A rank other than 0 of a distributed run executes into a scratch folder and
-    leaves the figures to rank 0; ``rendezvous`` names this execution's process
-    group (see :func:`eomlib.distributed.init`).
+    A rank other than 0 of a distributed run executes into a scratch folder, keeps
+    nothing (None) and leaves the figures to rank 0; ``rendezvous`` names this
+    execution's process group (see :func:`eomlib.distributed.init`).
     """
     notebook = read_notebook(root, name)
     notebook.metadata["kernelspec"] = {
@@ -289,7 +289,7 @@ def execute(
                 f"the partly executed notebook is {failed}"
             ) from error
         if rank != 0:
-            return partial
+            return None
         staged = output.with_suffix(".ipynb.partial")
         shutil.copyfile(partial, staged)
         os.replace(staged, output)
@@ -425,8 +425,10 @@ def _run_as_rank(root: Path, plans: dict, *, build: bool, progress: bool) -> Non
     alone = [name for name, parameters in plans.items() if WORLD_SIZE not in parameters]
     if alone:
         raise RunError(
-            f"under torchrun every notebook runs on all ranks, and {', '.join(alone)} "
-            f"declare no {WORLD_SIZE!r} parameter; run them without torchrun"
+            f"under torchrun every notebook runs on all ranks, and "
+            f"{', '.join(alone)} {'declares' if len(alone) == 1 else 'declare'} no "
+            f"{WORLD_SIZE!r} parameter; run {'it' if len(alone) == 1 else 'them'} "
+            f"without torchrun"
         )
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     for index, (name, parameters) in enumerate(plans.items()):
@@ -468,8 +470,11 @@ def _execute_on_ranks(
     ]
     for key, value in overrides.items():
         command += ["-p", key, repr(value)]
+    # The ranks share the machine's cores, unless told otherwise.
+    threads = str(max(1, (os.cpu_count() or 1) // world_size))
+    environment = {"OMP_NUM_THREADS": threads} | dict(os.environ)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=root)
+    result = subprocess.run(command, cwd=root, env=environment)
     if result.returncode != 0:
         raise RunError(
             f"notebook {name!r} failed on {world_size} ranks (torchrun exited with "

@@ -142,28 +142,33 @@ def test_a_seed_gives_the_same_result_for_any_world_size():
 
 
 def agreement() -> dict:
-    """What the ranks agree on, and whether replicated checks pass, on each rank."""
+    """What the ranks agree on, whether replicated checks pass, and what a sharded
+    loss refuses, on each rank."""
     rank = distributed.rank()
     same, own = torch.arange(5.0), torch.arange(5.0) + rank
     results = {
         "all true": distributed.all_agree(True),
         "only rank 0": distributed.all_agree(rank == 0),
     }
-    distributed.check_replicated({"x": same})
+    distributed.check_replicated({"x": same, "nan": torch.tensor([float("nan")])})
     try:
         distributed.check_replicated({"x": same, "y": own}, "iterates")
     except distributed.DistributedError as error:
         results["differing"] = str(error)
+    data = eomlib.load_dataset(num_samples=12)
+    try:
+        eomlib.make_loss(torch.nn.BatchNorm1d(64), data, distributed=True)
+    except ValueError as error:
+        results["bare batch norm"] = str(error)
     return results
 
 
 def test_ranks_agree_on_decisions_and_detect_differing_values():
     for result in distributed.launch(agreement, 3, run_timeout=300):
         assert result["all true"] and not result["only rank 0"]
-        assert (
-            "iterates differ across ranks (leaf 1) on 2 of 3 ranks"
-            in (result["differing"])
-        )
+        differing = "iterates differ across ranks (leaf 1) on 2 of 3 ranks"
+        assert differing in result["differing"]
+        assert "BatchNorm that is the whole model" in result["bare batch norm"]
 
 
 def empty_shard() -> str:
@@ -238,6 +243,9 @@ def test_several_ranks_need_processes_started_together(monkeypatch):
         distributed.init(4)
     with pytest.raises(ValueError, match="world_size"):
         distributed.init(0)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(distributed.DistributedError, match="WORLD_SIZE must be"):
+        distributed.init()
 
 
 def test_a_sharded_loss_needs_a_process_group():
