@@ -150,7 +150,8 @@ def test_values_on_the_command_line_are_python_literals_or_strings():
     assert runner.parse_value("cuda") == "cuda"
 
 
-BROKEN = """\
+# The front matter of a notebook with both profiles and nothing in them.
+FRONT_MATTER = """\
 ---
 jupytext:
   text_representation: {extension: .md, format_name: myst}
@@ -158,7 +159,11 @@ kernelspec: {display_name: Python 3, language: python, name: python3}
 eomlib:
   profiles: {quick: {}, full: {}}
 ---
+"""
 
+BROKEN = (
+    FRONT_MATTER
+    + """
 # Broken
 
 ```{code-cell} ipython3
@@ -175,6 +180,7 @@ x = 1
 raise ValueError("this cell fails on purpose")
 ```
 """
+)
 
 
 @pytest.mark.slow
@@ -299,15 +305,9 @@ def test_more_ranks_than_examples_stop_the_run_before_it_starts(tmp_path):
     assert not (root / "executed").exists()
 
 
-SHARDED = """\
----
-jupytext:
-  text_representation: {extension: .md, format_name: myst}
-kernelspec: {display_name: Python 3, language: python, name: python3}
-eomlib:
-  profiles: {quick: {}, full: {}}
----
-
+SHARDED = (
+    FRONT_MATTER
+    + """
 # Sharded
 
 ```{code-cell} ipython3
@@ -334,6 +334,7 @@ eomlib.savefig(fig, "sharded-loss", parameters={"world_size": world_size})
 print(f"ranks {eomlib.distributed.world_size()}, loss {loss!r}")
 ```
 """
+)
 
 
 def _sharded_book(root: Path) -> Path:
