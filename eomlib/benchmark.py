@@ -973,3 +973,46 @@ def plot_scaling(results: dict):
     axes[0].set_ylabel("speed-up over one sharded rank")
     axes[-1].legend(loc="lower left")
     return fig
+
+
+def all_reduce_kinds(sizes: list[int], num_params: int) -> dict[str, int]:
+    """The all-reduces of one call by kind: of all the parameters, of one number
+    (the loss), and of anything else (a BatchNorm's per-channel sums)."""
+    full = sum(size == num_params for size in sizes)
+    scalar = sum(size == 1 for size in sizes)
+    return {"params": full, "scalar": scalar, "other": len(sizes) - full - scalar}
+
+
+def sharding_facts(results: dict, case: str) -> dict:
+    """What a sharding run says about ``case``, for the appendix's prose: the cores,
+    the threads at one rank and at as many ranks as cores, the all-reduces of a
+    gradient and an HVP by kind, the all-reduce alone within one rank and between
+    two, the extra time of the sharded gradient at one rank, and the best speed-up
+    of any case as ``(value, case, operation, ranks)``."""
+    cores = results["meta"]["cpu_count"]
+    data = results["cases"][case]
+    worlds = {w["world_size"]: w for w in data["worlds"]}
+    one = worlds[1]
+    best = max(
+        (
+            (value, name, operation, ranks)
+            for name, other in results["cases"].items()
+            for ranks, ops in scaling(other)["speedup"].items()
+            if ranks > 1
+            for operation, value in ops.items()
+        ),
+        default=None,
+    )
+    return {
+        "cores": cores,
+        "threads": (
+            one["threads_per_rank"],
+            worlds.get(cores, one)["threads_per_rank"],
+        ),
+        "grad": all_reduce_kinds(one["grad_all_reduces"], data["num_params"]),
+        "hvp": all_reduce_kinds(one["hvp_all_reduces"], data["num_params"]),
+        "all_reduce_ms": {w: worlds[w]["all_reduce_ms"] for w in worlds},
+        "grad_ms": one["grad_ms"],
+        "extra_grad_ms": one["grad_ms"] - data["baseline"]["grad_ms"],
+        "best": best,
+    }

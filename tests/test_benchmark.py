@@ -145,6 +145,8 @@ def _sharding_run():
             grad_ms=2.0,
             hvp_ms=5.0,
             all_reduce_ms=0.05,
+            grad_all_reduces=[1, 10, 3, 3],
+            hvp_all_reduces=[1, 10, 10, 3, 3, 3, 3],
         ),
         dict(
             world_size=2, threads_per_rank=1, grad_ms=4.0, hvp_ms=2.5, all_reduce_ms=1.0
@@ -167,6 +169,15 @@ def test_sharding_ratios_are_one_rank_over_w_ranks_and_over_the_unsharded_loss()
         2: {"grad": 0.5, "hvp": 2.0},
     }
     assert ratios["overhead"] == {"grad": 2.0, "hvp": 1.25}
+
+
+def test_the_facts_of_a_sharding_run_are_read_off_its_counts_and_times():
+    facts = benchmark.sharding_facts(_sharding_run(), "mlp-float32")
+    assert facts["grad"] == {"params": 1, "scalar": 1, "other": 2}
+    assert facts["hvp"] == {"params": 2, "scalar": 1, "other": 4}
+    assert facts["threads"] == (2, 1) and facts["all_reduce_ms"] == {1: 0.05, 2: 1.0}
+    assert facts["extra_grad_ms"] == 1.0
+    assert facts["best"] == (2.0, "mlp-float32", "hvp", 2)
 
 
 def test_a_sharding_run_formats_as_a_table_and_as_text():
